@@ -17,3 +17,27 @@ def ingest(inputs: list[str], out: str, **options: Any):
     from .corpus import run
 
     return run(IngestConfig(inputs=list(inputs), out=out, **options))
+
+
+def train_retriever(mine: str, out: str, **options: Any):
+    """Fine-tune a dual encoder on a mine artifact's examples (see :class:`ragkit.config.TrainRetrieverConfig`)."""
+    from .config import TrainRetrieverConfig
+    from .retriever.trainer import run
+
+    return run(TrainRetrieverConfig(mine=str(mine), out=str(out), **options))
+
+
+def mine(ingest: str, out: str, **options: Any):
+    """BM25-retrieve every question and write positives + hard negatives (see :class:`ragkit.config.MineConfig`)."""
+    from .config import MineConfig
+    from .mining import run
+
+    return run(MineConfig(ingest=str(ingest), out=str(out), **options))
+
+
+def evaluate(artifact: str, out: str, **options: Any):
+    """Score the runs of a mine / index artifact (see :class:`ragkit.config.EvaluateConfig`)."""
+    from .config import EvaluateConfig
+    from .evaluate import run
+
+    return run(EvaluateConfig(artifact=str(artifact), out=str(out), **options))

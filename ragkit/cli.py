@@ -76,7 +76,7 @@ def ingest(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | dpr | beir | squad | jsonl"),
     window: Optional[int] = typer.Option(None, help="Words per passage window (0: keep documents whole)."),
-    stride: Optional[int] = typer.Option(None, help="Words between window starts (default: window)."),
+    stride: Optional[int] = typer.Option(None, help="Words between window starts (default: window, no overlap)."),
     dev_fraction: Optional[float] = typer.Option(None, help="Hold out this fraction of train as dev, grouped by document."),
     seed: Optional[int] = typer.Option(None, help="Seed for the dev split."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Drop duplicate passage ids instead of failing."),
@@ -93,8 +93,6 @@ def ingest(
     from .config import IngestConfig, load_config
     from .corpus import run
 
-    if window is not None and stride is None:
-        stride = window or None
     cfg = load_config(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,
         window=window, stride=stride, dev_fraction=dev_fraction, seed=seed, dedup=dedup, id_field=id_field,
@@ -102,6 +100,137 @@ def ingest(
         answers_field=answers_field, positives_field=positives_field, overwrite=overwrite,
     )
     report(run(cfg))
+
+
+@train_app.command("retriever")
+@stage_command
+def train_retriever(
+    mine: Path = typer.Argument(..., help="The mine artifact (output directory of `ragkit mine`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    model: Optional[str] = typer.Option(None, help="Starting model: minilm, a Hugging Face directory or a trained retriever."),
+    shared: Optional[bool] = typer.Option(None, "--shared/--separate", help="One encoder for both towers, or two (DPR)."),
+    pooling: Optional[str] = typer.Option(None, help="cls | mean (default: the model's own)."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="L2-normalise embeddings (default: the model's own)."),
+    similarity: Optional[str] = typer.Option(None, help="dot | cos"),
+    temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the contrastive loss."),
+    loss: Optional[str] = typer.Option(None, help="dpr (query->passage) | gte (adds q->q, p->q, p->p)."),
+    query_max_length: Optional[int] = typer.Option(None, help="Query tokens kept."),
+    passage_max_length: Optional[int] = typer.Option(None, help="Passage tokens kept (title + text)."),
+    batch_size: Optional[int] = typer.Option(None, help="Questions per step, over all processes."),
+    hard_negatives: Optional[int] = typer.Option(None, help="Mined negatives per question (rotated across epochs)."),
+    chunk_size: Optional[int] = typer.Option(None, help="Gradient cache chunk in rows (0: plain step)."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training examples."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases / LayerNorm)."),
+    warmup: Optional[float] = typer.Option(None, help="Warm-up: fraction of steps if < 1, else steps."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off)."),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (CUDA only)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate on dev every N steps (0: at the end only)."),
+    eval_max_passages: Optional[int] = typer.Option(None, help="Cap on passages searched at evaluation."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Rows per batch when encoding for evaluation."),
+    select_metric: Optional[str] = typer.Option(None, help="Dev metric that picks the kept model (auto, accuracy@20, ndcg@10, ...)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Save resumable state every N steps (0: never)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an interrupted run from its last checkpoint."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling, negatives and dropout."),
+    guide: Optional[str] = typer.Option(None, help="GISTEmbed guide model (frozen) that masks false negatives."),
+    guide_margin_strategy: Optional[str] = typer.Option(None, help="none | absolute | relative"),
+    guide_margin: Optional[float] = typer.Option(None, help="Margin of the guide's threshold."),
+    negative_cache: Optional[int] = typer.Option(None, help="Cached passage embeddings used as extra negatives (0: off)."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Fine-tune a dual encoder on mined examples (contrastive, in-batch + hard negatives)."""
+    from .config import TrainRetrieverConfig, load_config
+    from .retriever.trainer import run
+
+    cfg = load_config(
+        TrainRetrieverConfig, config, "train-retriever", mine=str(mine), out=str(out) if out else None, model=model,
+        shared=shared, pooling=pooling, normalize=normalize, similarity=similarity, temperature=temperature, loss=loss,
+        query_max_length=query_max_length, passage_max_length=passage_max_length, batch_size=batch_size,
+        hard_negatives=hard_negatives, chunk_size=chunk_size, epochs=epochs, max_steps=max_steps, lr=lr,
+        weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, precision=precision, device=device,
+        eval_every=eval_every, eval_max_passages=eval_max_passages, eval_batch_size=eval_batch_size,
+        select_metric=select_metric, checkpoint_every=checkpoint_every, resume=resume, seed=seed, guide=guide,
+        guide_margin_strategy=guide_margin_strategy, guide_margin=guide_margin, negative_cache=negative_cache,
+        overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    report(manifest)
+    if manifest.metrics.get("dev"):
+        from .evaluate import format_table
+
+        rows = {"dev (bm25)": manifest.metrics.get("bm25_dev"), "dev (start)": manifest.metrics.get("dev_start"),
+                "dev (trained)": manifest.metrics["dev"]}
+        typer.echo(format_table({name: row for name, row in rows.items() if row and "questions" in row}))
+
+
+@app.command()
+@stage_command
+def mine(
+    ingest: Path = typer.Argument(..., help="The ingest artifact (output directory of `ragkit ingest`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Question split to mine (repeatable; default: all)."),
+    depth: Optional[int] = typer.Option(None, help="BM25 results per question."),
+    negatives: Optional[int] = typer.Option(None, help="Hard negatives kept per question."),
+    random_negatives: Optional[int] = typer.Option(None, help="Random negatives per question."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the random negatives."),
+    backend: Optional[str] = typer.Option(None, help="bm25s | rank-bm25"),
+    method: Optional[str] = typer.Option(None, help="robertson | lucene"),
+    k1: Optional[float] = typer.Option(None, help="BM25 term-frequency saturation."),
+    b: Optional[float] = typer.Option(None, help="BM25 length normalisation."),
+    stopwords: Optional[bool] = typer.Option(None, "--stopwords/--no-stopwords", help="Drop English stop words."),
+    stem: Optional[bool] = typer.Option(None, "--stem/--no-stem", help="Snowball stemming (needs PyStemmer)."),
+    match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex"),
+    export_dpr: Optional[bool] = typer.Option(None, "--export-dpr/--no-export-dpr", help="Also write dpr/<split>.json."),
+    chunk_size: Optional[int] = typer.Option(None, help="Questions per retrieval chunk."),
+    workers: Optional[int] = typer.Option(None, help="Processes / threads (0: one per core)."),
+    index_from: Optional[Path] = typer.Option(None, help="Reuse the BM25 index of this mine artifact."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """BM25-retrieve every question; write runs, positives and hard negatives."""
+    from .config import MineConfig, load_config
+    from .evaluate import format_table
+    from .mining import run
+
+    cfg = load_config(
+        MineConfig, config, "mine", ingest=str(ingest), out=str(out) if out else None, splits=split or None,
+        depth=depth, negatives=negatives, random_negatives=random_negatives, seed=seed, backend=backend,
+        method=method, k1=k1, b=b, stopwords=stopwords, stem=stem, match_type=match_type, export_dpr=export_dpr,
+        chunk_size=chunk_size, workers=workers, index_from=str(index_from) if index_from else None,
+        overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    report(manifest)
+    typer.echo(format_table(manifest.metrics))
+
+
+@app.command()
+@stage_command
+def evaluate(
+    artifact: Path = typer.Argument(..., help="An artifact holding runs/ (from `ragkit mine` or `ragkit index`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for metrics.json."),
+    ingest: Optional[Path] = typer.Option(None, help="Ingest artifact with the questions (default: the artifact's own)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to score (repeatable; default: every run)."),
+    k: Optional[list[int]] = typer.Option(None, "--k", help="Cut-off for top-k accuracy and recall (repeatable)."),
+    match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex"),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Score an artifact's runs: top-k accuracy, recall, MRR@10, nDCG@10."""
+    from .config import EvaluateConfig, load_config
+    from .evaluate import format_table, run
+
+    cfg = load_config(
+        EvaluateConfig, config, "evaluate", artifact=str(artifact), out=str(out) if out else None,
+        ingest=str(ingest) if ingest else None, splits=split or None, ks=k or None, match_type=match_type,
+        overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    typer.echo(format_table(manifest.metrics))
+    typer.echo(f"wrote {manifest.path / 'metrics.json'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

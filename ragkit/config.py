@@ -96,8 +96,8 @@ class IngestConfig:
     format: str = "auto"
     window: int = 100
     """Words per passage window; 0 keeps each document whole."""
-    stride: int = 100
-    """Words between window starts (== window: no overlap)."""
+    stride: int = 0
+    """Words between window starts; 0 means ``window`` (no overlap), < window overlaps."""
     dev_fraction: float = 0.0
     """Hold out this fraction of train questions as 'dev', grouped by document."""
     seed: int = 0
@@ -114,8 +114,194 @@ class IngestConfig:
     def __post_init__(self) -> None:
         _check_choice("format", self.format, INGEST_FORMATS)
         _check_positive("window", self.window, allow_zero=True)
+        if self.window and self.stride == 0:
+            self.stride = self.window
         if self.window and not 0 < self.stride <= self.window:
             raise RagkitError(f"stride={self.stride} must be in 1..window ({self.window})")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise RagkitError(f"dev_fraction={self.dev_fraction} must be in [0, 1)")
         self.inputs = [str(p) for p in self.inputs]
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSS_KINDS = ("dpr", "gte")
+GUIDE_MARGIN_STRATEGIES = ("none", "absolute", "relative")
+SELECT_METRICS = ("auto", *(f"{m}@{k}" for m in ("accuracy", "recall") for k in (1, 5, 20, 100)), "mrr@10", "ndcg@10",
+                  "doc_recall@100")
+
+
+@dataclasses.dataclass
+class TrainRetrieverConfig:
+    """``ragkit train retriever``: mined examples -> a trained dual encoder."""
+
+    mine: str = ""
+    """The mine artifact to train on (its examples/train split; the dev questions for evaluation)."""
+    out: str = "artifacts/retriever"
+    model: str = "minilm"
+    """Starting weights: an alias (minilm), a Hugging Face directory, or a saved retriever."""
+    shared: bool = True
+    """One encoder for queries and passages; False trains two towers (DPR)."""
+    pooling: str | None = None
+    """cls | mean; None keeps the starting model's (mean for a plain Hugging Face model)."""
+    normalize: bool | None = None
+    """L2-normalise embeddings; None keeps the starting model's."""
+    similarity: str = "dot"
+    temperature: float = 0.05
+    loss: str = "dpr"
+    """dpr: query->passage in-batch softmax; gte: adds query->query, passage->query, passage->passage."""
+    query_max_length: int = 32
+    passage_max_length: int = 128
+    batch_size: int = 64
+    """Questions per optimiser step, summed over all processes."""
+    hard_negatives: int = 1
+    """Mined negatives per question, rotated across epochs."""
+    chunk_size: int = 0
+    """> 0: gradient cache with sub-batches of this many rows (same gradients, less memory); 0: plain step."""
+    epochs: int = 1
+    max_steps: int = 0
+    """> 0: stop after this many steps (epochs is then ignored)."""
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    """Linear warm-up: a fraction of the steps when < 1, else a number of steps; then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    precision: str = "fp32"
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:N."""
+    eval_every: int = 0
+    """Evaluate on the dev split every this many steps (0: only at the end)."""
+    eval_max_passages: int = 50_000
+    """Cap on the passages encoded for evaluation; the capped set keeps every dev positive and BM25 candidate."""
+    eval_batch_size: int = 128
+    select_metric: str = "auto"
+    """Dev metric that picks the kept model; auto: top-20 accuracy, or nDCG@10 when questions have no answers."""
+    checkpoint_every: int = 0
+    """Save resumable state every this many steps (0: never)."""
+    resume: bool = False
+    seed: int = 0
+    guide: str | None = None
+    """GIST: a frozen guide model whose similarities mask in-batch false negatives."""
+    guide_margin_strategy: str = "absolute"
+    guide_margin: float = 0.0
+    negative_cache: int = 0
+    """> 0: keep this many passage embeddings from earlier steps as extra negatives."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.mine:
+            raise RagkitError("no mine artifact given (pass the output directory of `ragkit mine`)")
+        self.mine, self.out = str(self.mine), str(self.out)
+        _check_choice("similarity", self.similarity, ("dot", "cos"))
+        _check_choice("loss", self.loss, LOSS_KINDS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_STRATEGIES)
+        _check_choice("select_metric", self.select_metric, SELECT_METRICS)
+        if self.pooling is not None:
+            _check_choice("pooling", self.pooling, ("cls", "mean"))
+        for name in ("temperature", "lr", "query_max_length", "passage_max_length", "batch_size", "eval_batch_size",
+                     "eval_max_passages"):
+            _check_positive(name, getattr(self, name))
+        for name in ("hard_negatives", "chunk_size", "epochs", "max_steps", "weight_decay", "warmup",
+                     "max_grad_norm", "eval_every", "checkpoint_every", "negative_cache", "guide_margin"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if self.epochs == 0 and self.max_steps == 0:
+            raise RagkitError("epochs=0 and max_steps=0: nothing to train (set --epochs or --max-steps)")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise RagkitError(f"device={self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if self.negative_cache:
+            # The cache's estimator is its own loss: query->passage only, computed on the plain step.
+            clashes = [name for name, on in (("chunk_size", self.chunk_size), ("guide", self.guide),
+                                             ("loss='gte'", self.loss == "gte")) if on]
+            if clashes:
+                raise RagkitError(f"negative_cache does not combine with {clashes[0]} (drop one of them)")
+
+
+BM25_BACKENDS = ("bm25s", "rank-bm25")
+BM25_METHODS = ("robertson", "lucene")
+MATCH_TYPES = ("string", "regex")
+
+
+@dataclasses.dataclass
+class MineConfig:
+    """``ragkit mine``: ingest artifact -> BM25 runs, positives and hard negatives per question."""
+
+    ingest: str = ""
+    """The ingest artifact to mine (its passages and every questions split)."""
+    out: str = "artifacts/mine"
+    splits: list[str] = dataclasses.field(default_factory=list)
+    """Question splits to mine; empty: all of them."""
+    depth: int = 100
+    """BM25 results per question (the run's depth and the pool hard negatives come from)."""
+    negatives: int = 30
+    """Hard negatives kept per question, in BM25 rank order."""
+    random_negatives: int = 0
+    """Uniformly drawn negatives per question (same filters as hard negatives)."""
+    seed: int = 0
+    backend: str = "bm25s"
+    """bm25s (fast) or rank-bm25 (the slow reference)."""
+    method: str = "robertson"
+    """robertson (== rank-bm25 BM25Okapi with epsilon=0) or lucene (Lucene's idf)."""
+    k1: float = 1.5
+    b: float = 0.75
+    stopwords: bool = True
+    """Drop Lucene's 33 English stop words."""
+    stem: bool = False
+    """Snowball English stemming (needs PyStemmer)."""
+    match_type: str = "string"
+    """How answers are found in passages: string (DPR token match) or regex (CuratedTREC)."""
+    export_dpr: bool = False
+    """Also write dpr/<split>.json in DPR's retriever training format."""
+    chunk_size: int = 1000
+    """Questions retrieved and written per step (bounds memory)."""
+    workers: int = 0
+    """Processes for answer matching and threads for BM25 top-k; 0: one per CPU core."""
+    index_from: str | None = None
+    """A mine artifact whose saved BM25 index to reuse (must cover the same passages with the same settings)."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ingest:
+            raise RagkitError("no ingest artifact given (pass the output directory of `ragkit ingest`)")
+        self.ingest, self.out = str(self.ingest), str(self.out)
+        self.index_from = str(self.index_from) if self.index_from else None
+        self.splits = [str(s) for s in self.splits]
+        _check_choice("backend", self.backend, BM25_BACKENDS)
+        _check_choice("method", self.method, BM25_METHODS)
+        _check_choice("match_type", self.match_type, MATCH_TYPES)
+        if self.backend == "rank-bm25" and self.method != "robertson":
+            raise RagkitError(f"method={self.method!r}: the rank-bm25 backend implements only 'robertson' (use --backend bm25s)")
+        for name in ("depth", "chunk_size"):
+            _check_positive(name, getattr(self, name))
+        for name in ("negatives", "random_negatives", "workers", "k1"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.b <= 1.0:
+            raise RagkitError(f"b={self.b} must be in [0, 1]")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """``ragkit evaluate``: an artifact holding runs (mine, index) -> retrieval metrics per split."""
+
+    artifact: str = ""
+    """The artifact whose runs/<split>.trec to score."""
+    out: str = "artifacts/evaluate"
+    ingest: str | None = None
+    """The ingest artifact with the questions; default: the one the artifact was built from."""
+    splits: list[str] = dataclasses.field(default_factory=list)
+    """Splits to score; empty: every split with a run."""
+    ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 20, 100])
+    """Cut-offs for top-k accuracy and passage recall."""
+    match_type: str = "string"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.artifact:
+            raise RagkitError("no artifact given (pass the output directory of `ragkit mine` or `ragkit index`)")
+        self.artifact, self.out = str(self.artifact), str(self.out)
+        self.ingest = str(self.ingest) if self.ingest else None
+        self.splits = [str(s) for s in self.splits]
+        _check_choice("match_type", self.match_type, MATCH_TYPES)
+        if not self.ks or any(int(k) < 1 for k in self.ks):
+            raise RagkitError(f"ks={self.ks!r} must be a non-empty list of positive cut-offs")
+        self.ks = sorted({int(k) for k in self.ks})
