@@ -163,8 +163,8 @@ def read_upstream(directory: str | Path, stage: str | tuple[str, ...], verify_in
     if manifest.stage not in stages:
         wanted = " or ".join(f"'{s}'" for s in stages)
         raise RagkitError(
-            f"{directory}: is a '{manifest.stage}' artifact, this stage needs a {wanted} artifact "
-            f"(pass the output directory of `ragkit {stages[0]}`)"
+            f"{directory}: was written by stage '{manifest.stage}', this stage reads the output of stage {wanted} "
+            f"(pass the output directory of `ragkit {stages[0].replace('-', ' ')}`)"
         )
     if verify_inputs:
         for item in manifest.inputs:

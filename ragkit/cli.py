@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: `retriever` (dual encoder) or `reader`.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: `retriever` (a dual encoder on mined examples).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file with this stage's settings; flags override it.")

@@ -415,7 +415,7 @@ def run(cfg: EvaluateConfig) -> Manifest:
     runs_dir = source / "runs"
     if not runs_dir.is_dir():
         raise RagkitError(
-            f"{source}: is a '{manifest.stage}' artifact with no runs/ folder, evaluate needs one that holds runs "
+            f"{source}: is a stage '{manifest.stage}' artifact with no runs/ folder, evaluate needs one that holds runs "
             f"(pass the output directory of `ragkit mine` or `ragkit index`)"
         )
     manifest = read_upstream(source, manifest.stage)

@@ -58,7 +58,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_read_upstream_refuses_wrong_stage_and_schema(tmp_path):
     out = tmp_path / "a"
     _make(out, stage="mine")
-    with pytest.raises(RagkitError, match="is a 'mine' artifact") as info:
+    with pytest.raises(RagkitError, match="written by stage 'mine'") as info:
         read_upstream(out, "ingest")
     assert "\n" not in str(info.value)
     data = json.loads((out / "manifest.json").read_text())

@@ -177,7 +177,7 @@ def test_evaluate_stage_writes_metrics(tmp_path, small_ingest, capsys):
 
 
 def test_evaluate_refuses_artifacts_without_runs_and_unknown_ids(tmp_path, small_ingest):
-    with pytest.raises(RagkitError, match=r"is a 'ingest' artifact with no runs/ folder"):
+    with pytest.raises(RagkitError, match=r"is a stage 'ingest' artifact with no runs/ folder"):
         run(EvaluateConfig(artifact=str(small_ingest), out=str(tmp_path / "eval")))
     source = make_run_artifact(tmp_path / "mine", small_ingest, {"test": {"q1": ["Z"]}})
     with pytest.raises(RagkitError, match=r"passage 'Z' is not in"):

@@ -261,7 +261,7 @@ def test_cli_ingest_mine_evaluate(tmp_path):
     result = cli.invoke(app, ["mine", str(tmp_path / "mine"), "--out", str(tmp_path / "again")])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
-    assert "is a 'mine' artifact, this stage needs a 'ingest' artifact" in result.output
+    assert "was written by stage 'mine', this stage reads the output of stage 'ingest'" in result.output
     result = cli.invoke(app, ["evaluate", str(tmp_path / "ingest"), "--out", str(tmp_path / "eval2")])
     assert result.exit_code == 2 and "no runs/ folder" in result.output
     assert not (tmp_path / "again").exists() and not (tmp_path / "eval2").exists()

@@ -82,7 +82,7 @@ def test_bad_settings_are_refused_in_one_line(mined, tmp_path, extra, message):
 def test_an_ingest_artifact_is_refused_as_training_input(mined, tmp_path):
     result = CliRunner().invoke(app, ["train", "retriever", str(mined / "ingest"), "--out", str(tmp_path / "r"),
                                       "--model", str(mined / "tiny"), *SMALL])
-    assert result.exit_code == 2 and "is a 'ingest' artifact, this stage needs a 'mine' artifact" in result.output
+    assert result.exit_code == 2 and "was written by stage 'ingest', this stage reads the output of stage 'mine'" in result.output
 
 
 def test_two_processes_under_torchrun_train_the_single_process_weights(mined, tmp_path):

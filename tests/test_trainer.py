@@ -359,7 +359,7 @@ def test_a_guide_model_runs_through_the_loss(artifacts, tmp_path):
 def test_fp16_on_cpu_and_a_wrong_stage_are_refused(artifacts, tmp_path):
     with pytest.raises(RagkitError, match="fp16 needs a CUDA device"):
         run(config(artifacts, tmp_path / "r", precision="fp16"))
-    with pytest.raises(RagkitError, match="is a 'ingest' artifact"):
+    with pytest.raises(RagkitError, match="written by stage 'ingest'"):
         run(config(artifacts, tmp_path / "r", mine=str(artifacts["ingest"])))
     assert not (tmp_path / "r").exists() and not work_dir_for(tmp_path / "r").exists()
 

@@ -1,0 +1,27 @@
+from typer.testing import CliRunner
+
+from ragkit import __version__
+from ragkit.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_stages():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("ingest", "mine", "evaluate", "train"):
+        assert command in result.output
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "retriever" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"ragkit {__version__}"
+
+
+def test_stage_functions_are_importable():
+    import ragkit
+
+    for name in ("ingest", "mine", "evaluate", "train_retriever"):
+        assert callable(getattr(ragkit, name))
