@@ -12,9 +12,9 @@ Two options change what the loss sees. A guide model (GISTEmbed, ``guide``) is f
 the batch's questions and passages are computed without gradient, cached per question id and passage
 for the whole run, and passed to the loss, which drops in-batch candidates the guide rates above the
 positive. A negative cache (``negative_cache``) adds passages of earlier steps to every question's softmax
-through the sampled estimator of :mod:`ragkit.retriever.negative_cache`; it is its own loss
-(query->passage, plain step), so it does not combine with a guide, the GTE directions or the gradient
-cache.
+through the sampled estimator of :mod:`ragkit.retriever.negative_cache`. That estimator keeps the
+in-batch partition of the chosen loss (DPR or GTE) and runs on the plain step or the gradient cache; it
+does not combine with a guide, which would have to score every cached passage to mask the cache's softmax.
 
 Runs survive a crash. Everything in progress lives in a work directory next to the output,
 ``<out parent>/.<out name>.work/``: the per-step log ``metrics.jsonl``, the best model so far and
@@ -61,9 +61,9 @@ from .data import Batch, BatchCollator, ResumableBatchSampler, RetrievalExamples
 from .distributed import (DistInfo, barrier, cleanup_distributed, gather_no_grad, gather_with_grad, global_loss,
                           init_distributed, is_distributed)
 from .encoder import BiEncoder, RetrieverSpec, load_tokenizer, tokenize_passages, tokenize_queries
-from .gradcache import GradCache, full_batch_step
+from .gradcache import Chunk, GradCache, full_batch_step, split_inputs
 from .losses import DIRECTIONS, ContrastiveLoss
-from .negative_cache import NegativeCache, cache_loss, distributed_draw, refresh_drawn
+from .negative_cache import CacheDraw, NegativeCache, cache_loss, distributed_draw, refresh_drawn
 
 STAGE = "train-retriever"
 METRICS_FILE = "metrics.jsonl"
@@ -232,51 +232,119 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 # --- cached negatives --------------------------------------------------------------------------------
 
 
+def append_rows(first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stack two tokenised batches ``(n1, L1)`` and ``(n2, L2)`` into ``(n1 + n2, max L)``.
+
+    Rows are right-padded with 0 (no attention, no token), so each row encodes as it did alone; a key only
+    one batch has (``token_type_ids``) is all zero in the other, which is what the encoder assumes without it.
+    """
+    width = max(first["input_ids"].size(1), second["input_ids"].size(1))
+
+    def column(batch: dict[str, Tensor], name: str) -> Tensor:
+        value = batch.get(name)
+        if value is None:
+            value = torch.zeros_like(batch["input_ids"])
+        return torch.nn.functional.pad(value, (0, width - value.size(1)))
+
+    return {name: torch.cat([column(first, name), column(second, name)]) for name in {**first, **second}}
+
+
 class NegativeCacheStep:
-    """The plain step with cached negatives (Lindgren et al. 2021, :mod:`ragkit.retriever.negative_cache`).
+    """A training step with cached negatives (Lindgren et al. 2021, :mod:`ragkit.retriever.negative_cache`).
 
     Besides the global batch, every query competes against a cache of passages encoded in earlier steps.
     One cached passage per query is drawn from the softmax over its stale scores and re-encoded with
     gradient, so the gradient equals that of the cross-entropy over batch + cache in expectation; the drawn
     passages get their fresh embeddings back, and the batch's passages enter the cache. Each process holds
     one shard of the cache; the draw is exact over the union of the shards. The logged loss is the
-    cross-entropy over batch + cache (with the cache's stale scores).
+    cross-entropy over batch + cache (with the cache's stale scores). The in-batch candidates follow
+    ``directions`` (DPR or GTE); the cache joins the query->passage pool.
+
+    With ``chunk_size > 0`` the step runs through the gradient cache: the queries are encoded first (the
+    draw needs them), the drawn items are appended to the batch's passages as extra rows, and all those rows
+    are encoded chunk by chunk; the loss function splits them back into batch and drawn passages. Both
+    paths call the same :meth:`loss` on the same rows, so they optimise the same estimator.
     """
 
     def __init__(self, model: nn.Module, capacity: int, dim: int, passage_max_length: int, temperature: float,
                  similarity: str, device: torch.device, seed: int, rank: int,
-                 autocast_dtype: torch.dtype | None, scaler: "torch.amp.GradScaler | None") -> None:
+                 autocast_dtype: torch.dtype | None, scaler: "torch.amp.GradScaler | None",
+                 directions: tuple[str, ...] = ("query_to_passage",), chunk_size: int = 0) -> None:
         self.model = model
         self.cache = NegativeCache(capacity, dim, passage_max_length, device=device)
         self.temperature = temperature
         self.similarity = similarity
+        self.directions = directions
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.scaler = scaler
+        self.grad_cache = GradCache(model, self.loss, chunk_size, chunk_size, autocast_dtype, scaler) if chunk_size else None
         # Each process draws within its shard with its own noise; the choice of shard uses noise every
         # process shares (and no process uses for anything else), so all ranks pick the same shard.
         self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + 1 + rank)
         self.shard_generator = torch.Generator(device=device).manual_seed(seed * 7919)
 
     def __call__(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
+        """Forward and backward of one step on this process's share of the batch; returns the detached loss."""
+        if self.grad_cache is not None:
+            return self._cached_step(batch, query_inputs, passage_inputs)
         query = self._encode(query_inputs, "query")  # (b, D)
         passage = self._encode(passage_inputs, "passage")  # (b * G, D)
-        draw = distributed_draw(
+        draw = self.draw(batch, query)
+        drawn = self._encode({k: v.to(self.device) for k, v in draw.inputs().items()}, "passage")  # (b * S, D)
+        loss = self.loss(query, torch.cat([passage, drawn]), cache_lse=draw.lse, valid=draw.valid,
+                         batch_rows=passage.size(0))
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._update_cache(batch, draw, passage_inputs, passage.detach(), drawn.detach())
+        return loss.detach()
+
+    def _cached_step(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
+        grad_cache = self.grad_cache
+        query_chunks = split_inputs(query_inputs, grad_cache.query_chunk_size)
+        query, query_states = grad_cache.forward_no_grad(query_chunks, "query")  # (b, D)
+        draw = self.draw(batch, query)
+        rows = append_rows(passage_inputs, {k: v.to(self.device) for k, v in draw.inputs().items()})
+        passage_chunks = split_inputs(rows, grad_cache.passage_chunk_size)
+        passage, passage_states = grad_cache.forward_no_grad(passage_chunks, "passage")  # (b * G + b * S, D)
+        batch_rows = passage_inputs["input_ids"].size(0)
+        loss, query_grad, passage_grad = grad_cache.build_cache(query, passage, cache_lse=draw.lse, valid=draw.valid,
+                                                                batch_rows=batch_rows)
+        grad_cache.forward_backward(
+            [Chunk(x, "query", rng, g) for x, rng, g in
+             zip(query_chunks, query_states, query_grad.split(grad_cache.query_chunk_size))],
+            [Chunk(x, "passage", rng, g) for x, rng, g in
+             zip(passage_chunks, passage_states, passage_grad.split(grad_cache.passage_chunk_size))],
+        )
+        # The replayed forwards drew the same dropout masks, so these are the embeddings the loss saw.
+        self._update_cache(batch, draw, passage_inputs, passage[:batch_rows], passage[batch_rows:])
+        return loss
+
+    def draw(self, batch: Batch, query: Tensor) -> CacheDraw:
+        """One cached item per local query, exact over every process's shard; never one of the query's
+        positives nor a passage of the global batch."""
+        return distributed_draw(
             self.cache, query.detach(), generator=self.generator, shard_generator=self.shard_generator,
             temperature=self.temperature, similarity=self.similarity,
             excluded_ids=batch.positive_rows, batch_ids=batch.passage_rows,
         )
-        drawn = self._encode({k: v.to(self.device) for k, v in draw.inputs().items()}, "passage")  # (b * S, D)
+
+    def loss(self, query: Tensor, rows: Tensor, *, cache_lse: Tensor, valid: Tensor, batch_rows: int) -> Tensor:
+        """The cache estimator over the global batch from this process's rows: ``query`` ``(b, D)``; ``rows``
+        ``(b * G + b * S, D)``, the batch's passages then the drawn items. Gathers everything across processes."""
+        passage, drawn = rows[:batch_rows], rows[batch_rows:]  # (b * G, D), (b * S, D)
         out = cache_loss(
             gather_with_grad(query), gather_with_grad(passage), gather_with_grad(drawn),
-            gather_no_grad(draw.lse), gather_no_grad(draw.valid),
-            temperature=self.temperature, similarity=self.similarity,
+            gather_no_grad(cache_lse), gather_no_grad(valid),
+            temperature=self.temperature, similarity=self.similarity, directions=self.directions,
         )
-        (self.scaler.scale(out.loss) if self.scaler is not None else out.loss).backward()
+        return out.loss
+
+    def _update_cache(self, batch: Batch, draw: CacheDraw, passage_inputs: dict[str, Tensor], passage: Tensor,
+                      drawn: Tensor) -> None:
         refresh_drawn(self.cache, draw, drawn)
         rows = torch.tensor(batch.passage_rows, dtype=torch.long)
-        self.cache.add(passage.detach(), rows, passage_inputs["input_ids"], passage_inputs["attention_mask"])
-        return out.loss.detach()
+        self.cache.add(passage, rows, passage_inputs["input_ids"], passage_inputs["attention_mask"],
+                       passage_inputs.get("token_type_ids"))
 
     def _encode(self, inputs: dict[str, Tensor], tower: str) -> Tensor:
         with _autocast(self.device, self.autocast_dtype):
@@ -511,6 +579,7 @@ class Trainer:
             self.negatives = NegativeCacheStep(
                 self.trained, cfg.negative_cache, self.model.embedding_dim, cfg.passage_max_length, cfg.temperature,
                 cfg.similarity, self.device, cfg.seed, self.dist.rank, self.autocast_dtype, self.scaler,
+                directions=LOSS_DIRECTIONS[cfg.loss], chunk_size=cfg.chunk_size,
             )
         self.guide = None
         if cfg.guide:
