@@ -18,8 +18,9 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "ingest": ["bench_ingest.py"],
     "bm25": ["bench_bm25.py"],
-    "gradcache": ["bench_gradcache.py", "--bf16"],
+    "gradcache": ["bench_gradcache.py", "--bf16", "--batches", "16,64,512", "--steps", "2"],
     "negative_cache": ["bench_negative_cache.py"],
+    "ablation": ["bench_ablation.py"],
 }
 
 
