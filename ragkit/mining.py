@@ -11,6 +11,9 @@ For each question the top ``depth`` BM25 passages (over ``title + " " + text``) 
   two filters only. At most ``negatives`` are kept, best first.
 - **Random negatives** (optional) are drawn uniformly from the corpus under the same filters, with a
   generator seeded by (seed, split, question id), so they do not depend on chunking or worker count.
+- **Answer passages** (``answer_passage_ids``) are the positives followed by every top-``depth`` passage
+  whose text contains an answer (the check that filters hard negatives), in rank order. Training keeps
+  them out of a negative cache; a passage holding the answer that BM25 did not retrieve is not listed.
 
 Everything streams: questions are retrieved ``chunk_size`` at a time and their results appended to the
 TREC run, an Arrow stream (turned into the ``examples`` dataset at the end) and the optional DPR JSON.
@@ -60,6 +63,8 @@ class Selection:
     random_negatives: list[int]
     answer_rank: int | None
     """1-based BM25 rank of the first passage containing an answer (None: none in the top depth)."""
+    answer_passages: list[int] = dataclasses.field(default_factory=list)
+    """Every ranked passage containing an answer, in rank order."""
 
 
 def select_examples(
@@ -73,12 +78,14 @@ def select_examples(
     """Positives and hard negatives from one question's BM25 ranking (rows, best first).
 
     ``answer_flags(rows)`` says which passages contain an answer (None: the question has no answers);
-    it is called a block at a time so that scanning stops once enough negatives and the first answer
-    are found. ``judged_relevant[i]`` marks ranked passages whose document is judged relevant.
+    with answers the whole ranking is checked, since every answer-bearing passage is listed. Without,
+    scanning stops once enough negatives are found. ``judged_relevant[i]`` marks ranked passages whose
+    document is judged relevant.
     """
     gold_set = set(gold)
     positives = list(gold)
     hard: list[int] = []
+    answers: list[int] = []
     answer_rank = None
     for start in range(0, len(ranked), block):
         rows = ranked[start : start + block]
@@ -86,6 +93,7 @@ def select_examples(
         for offset, (row, hit) in enumerate(zip(rows, flags)):
             rank = start + offset + 1
             if hit:
+                answers.append(row)
                 if answer_rank is None:
                     answer_rank = rank
                     if not gold:
@@ -93,9 +101,9 @@ def select_examples(
                 continue
             if len(hard) < negatives and row not in gold_set and not (judged_relevant is not None and judged_relevant[rank - 1]):
                 hard.append(row)
-        if len(hard) >= negatives and (answer_flags is None or answer_rank is not None):
+        if len(hard) >= negatives and answer_flags is None:
             break
-    return Selection(positives, hard, [], answer_rank)
+    return Selection(positives, hard, [], answer_rank, answers)
 
 
 def draw_random_negatives(
@@ -162,7 +170,8 @@ class ChunkResult:
     fewer_negatives: int = 0
 
 
-EXAMPLE_COLUMNS = ("id", "question", "answers", "positive_ids", "hard_negative_ids", "random_negative_ids")
+EXAMPLE_COLUMNS = ("id", "question", "answers", "positive_ids", "hard_negative_ids", "random_negative_ids",
+                   "answer_passage_ids")
 
 
 class ChunkMiner:
@@ -225,18 +234,25 @@ class ChunkMiner:
 
     def _examples(self, kept: list[tuple[Question, Selection]], result: ChunkResult) -> None:
         # Mined positives are rows; gold positives already have ids (and rows, for the DPR texts).
-        groups = [(q.gold if q.positive_ids else s.positives, s.hard_negatives, s.random_negatives) for q, s in kept]
+        groups = [(q.gold if q.positive_ids else s.positives, s.hard_negatives, s.random_negatives, s.answer_passages)
+                  for q, s in kept]
         rows = [row for group in groups for part in group for row in part]
         ids = iter(self.passages.ids_at(rows))
-        texts = iter(zip(self.passages.titles_at(rows), self.passages.texts_at(rows))) if self.export_dpr else None
+        texts = None
+        if self.export_dpr:
+            # The DPR JSON holds positives and both kinds of negatives, not the answer passages.
+            shown = [row for group in groups for part in group[:3] for row in part]
+            texts = iter(zip(self.passages.titles_at(shown), self.passages.texts_at(shown)))
         out = result.examples
         for (q, _), group in zip(kept, groups):
             part_ids = [[next(ids) for _ in part] for part in group]
-            for name, value in zip(EXAMPLE_COLUMNS, (q.id, q.question, q.answers, q.positive_ids or part_ids[0], part_ids[1], part_ids[2])):
+            positive_ids = q.positive_ids or part_ids[0]
+            answer_ids = list(dict.fromkeys(positive_ids + part_ids[3]))
+            for name, value in zip(EXAMPLE_COLUMNS, (q.id, q.question, q.answers, positive_ids, part_ids[1], part_ids[2], answer_ids)):
                 out[name].append(value)
             if texts is not None:
                 ctxs = [[{"title": t, "text": x, "passage_id": pid} for pid, (t, x) in zip(pids, (next(texts) for _ in pids))]
-                        for pids in part_ids]
+                        for pids in part_ids[:3]]
                 result.dpr.append(json.dumps({
                     "question": q.question, "answers": q.answers, "positive_ctxs": ctxs[0],
                     "negative_ctxs": ctxs[2], "hard_negative_ctxs": ctxs[1],
@@ -449,6 +465,7 @@ def run(cfg: MineConfig) -> Manifest:
                 "exclude_gold_positives": True,
                 "exclude_judged_relevant_documents": "doc_scores > 0",
                 "positive_without_gold": "highest-ranked passage containing an answer",
+                "answer_passages": "positives + every top-depth passage containing an answer",
             }
             manifest = Manifest(stage="mine", config=config, inputs=inputs, counts=counts, metrics=metrics, files=files)
             manifest.save(tmp)

@@ -31,6 +31,7 @@ def test_without_gold_the_best_ranked_answer_passage_is_the_positive():
     # "party" is not the token "art": passage 0 is a hard negative; passage 1 (rank 3) is the positive.
     assert sel.positives == [1] and sel.answer_rank == 3
     assert sel.hard_negatives == [0, 3]  # passage 2 contains the answer too: never a negative
+    assert sel.answer_passages == [1, 2]
 
 
 def test_question_without_answers_or_gold_gets_no_positive():
@@ -43,17 +44,31 @@ def test_judged_relevant_passages_are_not_negatives():
     assert sel.hard_negatives == [5, 7]
 
 
-def test_negatives_are_capped_in_rank_order_and_scanning_stops_early():
+def test_negatives_are_capped_in_rank_order_and_every_answer_passage_is_found():
     seen = []
 
     def flags(rows):
         seen.extend(rows)
-        return [r == 2 for r in rows]
+        return [r in (2, 97) for r in rows]
 
     ranked = list(range(100))
     sel = select_examples(ranked, gold=[], negatives=3, answer_flags=flags, block=4)
     assert sel.hard_negatives == [0, 1, 3] and sel.positives == [2]
-    assert seen == [0, 1, 2, 3]  # one block was enough
+    assert sel.answer_passages == [2, 97]  # found far below the point where the negatives were complete
+    assert seen == ranked
+
+
+def test_without_answers_scanning_stops_once_the_negatives_are_found():
+    read = []
+
+    class Judged(list):
+        def __getitem__(self, i):
+            read.append(i)
+            return super().__getitem__(i)
+
+    sel = select_examples(list(range(100)), gold=[7], negatives=3, judged_relevant=Judged([False] * 100), block=4)
+    assert sel.hard_negatives == [0, 1, 2] and sel.answer_passages == []
+    assert read == [0, 1, 2]  # the first block was enough
 
 
 def test_random_negatives_respect_the_filters():
@@ -139,7 +154,7 @@ def read_run(path):
 def test_mined_examples_follow_the_rules(ingested, tmp_path):
     manifest = ragkit.mine(str(ingested), str(tmp_path / "mine"), negatives=8, random_negatives=3, depth=40, workers=1)
     passages = {p["id"]: p for p in datasets.load_from_disk(str(ingested / "passages")).to_list()}
-    checked_negatives = 0
+    checked_negatives = checked_answers = 0
     for split in ("train", "dev"):
         questions = {q["id"]: q for q in datasets.load_from_disk(str(ingested / "questions" / split)).to_list()}
         examples = load_split(tmp_path / "mine", split)
@@ -163,6 +178,11 @@ def test_mined_examples_follow_the_rules(ingested, tmp_path):
             eligible = [p for p in run[q["id"]] if not has_answer(q["answers"], passages[p]["text"])
                         and p not in q["positive_ids"] and passages[p]["doc_id"] not in relevant_docs]
             assert example["hard_negative_ids"] == eligible[:8]
+            # Answer passages: the positives, then every retrieved passage with an answer, in rank order.
+            holding = [p for p in run[q["id"]] if has_answer(q["answers"], passages[p]["text"])]
+            expected = list(dict.fromkeys(example["positive_ids"] + holding))
+            assert example["answer_passage_ids"] == expected
+            checked_answers += len(holding) > 1
         dropped = [qid for qid in questions if qid not in kept]
         for qid in dropped:
             q = questions[qid]
@@ -170,7 +190,7 @@ def test_mined_examples_follow_the_rules(ingested, tmp_path):
             assert not any(has_answer(q["answers"], passages[p]["text"]) for p in run.get(qid, []))
         assert manifest.counts["dropped_without_positive"][split] == len(dropped)
         assert manifest.counts["examples"][split] == len(examples) == len(questions) - len(dropped)
-    assert "lost" not in kept and checked_negatives > 300
+    assert "lost" not in kept and checked_negatives > 300 and checked_answers > 5
     # The filters had work to do: windows of judged documents and decoys that hold an answer only as a
     # substring (ans7x, preans7, which are fair negatives) were among the candidates.
     windowed = [p for p in passages if "#" in p]

@@ -21,10 +21,11 @@ from ragkit.config import TrainRetrieverConfig
 from ragkit.errors import RagkitError
 from ragkit.evaluate import PassageLookup
 from ragkit.retriever.data import BatchCollator, ResumableBatchSampler, RetrievalExamples
-from ragkit.retriever.encoder import BiEncoder, load_tokenizer
+from ragkit.retriever.encoder import BiEncoder, load_tokenizer, tokenize_passages
 from ragkit.retriever.losses import ContrastiveLoss
-from ragkit.retriever.trainer import (STATE_FILE, DevEvaluation, latest_checkpoint, parameter_groups, run,
-                                     warmup_linear_decay, work_dir_for)
+from ragkit.retriever.negative_cache import staleness
+from ragkit.retriever.trainer import (STATE_FILE, DevEvaluation, NegativeCacheStep, latest_checkpoint,
+                                     parameter_groups, run, warmup_linear_decay, work_dir_for)
 
 TOPICS = 24
 WORDS_PER_TOPIC = 6
@@ -405,6 +406,11 @@ def test_the_negative_cache_adds_the_previous_steps_passages_to_the_softmax(arti
     assert logged[1] == pytest.approx(total / 4, rel=1e-4)
     assert logged[1] != pytest.approx(float(ContrastiveLoss(0.05)(query, passage)), rel=1e-2)  # the cache counts
 
+    # Step 1 met an empty cache; step 2 the distinct passages of batch 1, encoded before the update.
+    records = [line for line in train_lines(tmp_path / "two" / "metrics.jsonl") if "loss" in line]
+    assert [line["cache_size"] for line in records] == [0, len(set(first.passage_rows))]
+    assert records[0]["cache_staleness"] is None and records[1]["cache_staleness"] > 1e-4
+
 
 def test_resume_with_a_negative_cache_is_exact(artifacts, tmp_path):
     settings = dict(max_steps=4, checkpoint_every=2, negative_cache=8, eval_every=0)
@@ -435,3 +441,89 @@ def test_a_capped_dev_search_keeps_every_positive_and_judged_passage(artifacts):
                              torch.device("cpu"), None, 8, 16, 24)
     assert metrics["passages_searched"] == 20 and metrics["questions"] == 6
     assert {"accuracy@20", "mrr@10", "ndcg@10"} <= set(metrics) and metrics["accuracy@100"] == 1.0
+
+
+# --- the negative cache step -------------------------------------------------------------------------
+
+ANSWER_HOLDER, SECOND_POSITIVE = "p5-0", "p1-1"
+FILLERS = ["p6-0", "p7-1", "p8-0", "p9-1"]
+
+
+def _cache_step_and_batch(artifacts):
+    """A step whose cache holds, besides fillers, the second positive and an answer-bearing passage of the
+    batch's first question, both scored far above everything else by both questions; the second question
+    lists no answer passages."""
+    still = str(artifacts["still"])
+    lookup = PassageLookup.open(artifacts["ingest"])
+    rows = datasets.Dataset.from_list([
+        {"id": "q1", "question": "which w1x0 w1x1", "answers": ["ans1"], "positive_ids": ["p1-0", SECOND_POSITIVE],
+         "hard_negative_ids": ["p3-1"], "random_negative_ids": [],
+         "answer_passage_ids": ["p1-0", SECOND_POSITIVE, ANSWER_HOLDER]},
+        {"id": "q2", "question": "which w2x0 w2x1", "answers": ["ans2"], "positive_ids": ["p2-0"],
+         "hard_negative_ids": ["p2-1"], "random_negative_ids": [], "answer_passage_ids": []},
+    ])
+    examples = RetrievalExamples(rows, lookup, hard_negatives=1)
+    tokenizer = load_tokenizer(still)
+    batch = BatchCollator(tokenizer, lookup, 16, 24)([examples[0], examples[1]])
+    model = BiEncoder.from_pretrained(still)
+    step = NegativeCacheStep(model, 16, model.embedding_dim, 24, 0.05, "dot", torch.device("cpu"), seed=0, rank=0,
+                             autocast_dtype=None, scaler=None)
+    cached_ids = [SECOND_POSITIVE, ANSWER_HOLDER] + FILLERS
+    cached_rows = lookup.rows(cached_ids)
+    tokens = tokenize_passages(tokenizer, lookup.titles_at(cached_rows), lookup.texts_at(cached_rows), 24)
+    with torch.no_grad():
+        query = model(**batch.query, tower="query")  # (2, D)
+        stale = model(**tokens, tower="passage")  # (6, D)
+    stale[:2] = 5 * query.sum(dim=0)  # logits of ~100 or more: unmasked, these two win every draw
+    step.cache.add(stale, torch.tensor(cached_rows), tokens["input_ids"], tokens["attention_mask"])
+    return step, batch, model, lookup, stale, cached_rows
+
+
+def test_the_cache_never_offers_a_question_its_positives_or_answer_passages(artifacts):
+    step, batch, model, lookup, stale, cached_rows = _cache_step_and_batch(artifacts)
+    forbidden = set(lookup.rows([SECOND_POSITIVE, ANSWER_HOLDER]))
+    assert batch.answer_rows == [lookup.rows(["p1-0", SECOND_POSITIVE, ANSWER_HOLDER]), []]
+    with torch.no_grad():
+        query = model(**batch.query, tower="query")  # (2, D)
+    drawn = [step.draw(batch, query).ids[:, 0].tolist() for _ in range(40)]
+    assert not forbidden & {first for first, _ in drawn}
+    assert forbidden & {second for _, second in drawn}  # the other question, which may use them, does
+
+    recorded = []
+    draw = step.draw
+    step.draw = lambda b, q: recorded.append(draw(b, q)) or recorded[-1]
+    logged = float(step(batch, batch.query, batch.passage))
+
+    # The logged loss is the exact cross-entropy over the batch plus each question's allowed cache entries.
+    with torch.no_grad():
+        query, passage = model(**batch.query, tower="query"), model(**batch.passage, tower="passage")  # (2, D), (4, D)
+
+    def cross_entropy(blocked_per_query):
+        total = 0.0
+        for i in range(2):
+            blocked = blocked_per_query[i] | set(batch.passage_rows)
+            keep = [j for j, row in enumerate(cached_rows) if row not in blocked]
+            logits = torch.cat([query[i] @ passage.T, query[i] @ stale[keep].T]) / 0.05
+            total += float(torch.logsumexp(logits, 0) - query[i] @ passage[i * 2] / 0.05)
+        return total / 2
+
+    masked = [set(batch.positive_rows[i]) | set(batch.answer_rows[i]) for i in range(2)]
+    assert logged == pytest.approx(cross_entropy(masked), rel=1e-5)
+    assert logged != pytest.approx(cross_entropy([set(batch.positive_rows[0]), set()]), rel=1e-2)  # the answer mask counts
+
+    # Staleness: the drawn items' cached embeddings against the encoder's (unchanged: no optimiser step).
+    (used,) = recorded
+    with torch.no_grad():
+        fresh = model(**used.inputs(), tower="passage")  # (2, D)
+    expected = staleness(used.cached, fresh, used.valid)
+    assert step.stats["cache_size"] == 6
+    assert step.stats["cache_staleness"] == pytest.approx(float(expected), rel=1e-5)
+    assert step.stats["cache_staleness"] > 0.1  # the two planted embeddings are far from their encodings
+
+
+def test_examples_mined_before_answer_passages_were_listed_have_none(artifacts):
+    lookup = PassageLookup.open(artifacts["ingest"])
+    examples = RetrievalExamples(datasets.load_from_disk(str(artifacts["mine"] / "examples" / "train")), lookup, 2)
+    assert examples[0].answer_passage_ids == []
+    batch = BatchCollator(load_tokenizer(str(artifacts["model"])), lookup, 16, 24)([examples[0], examples[1]])
+    assert batch.answer_rows == [[], []]

@@ -11,6 +11,8 @@ Three pieces, each with one job:
   (wrapping), so a long mined list is used up before any negative repeats. A list shorter than ``N`` is
   padded with the example's random negatives from the mine artifact, then with corpus passages drawn
   with a generator seeded by ``(seed, epoch, i)``: the same item is the same on every run and rank.
+  Each item also carries the passages mining found to contain its answer (``answer_passage_ids``; an
+  artifact mined before that column existed gives none), so a negative cache can keep them out.
 * :class:`ResumableBatchSampler` yields the local share of each *global* batch: a seeded permutation
   per epoch, cut into global batches (the last partial one dropped so every rank steps the same number
   of times), each split into ``world_size`` contiguous shards in rank order. Gathering representations
@@ -47,6 +49,7 @@ class TrainItem:
     positive_id: str
     negative_ids: list[str]
     all_positive_ids: list[str]  # every positive of the question, e.g. to keep them out of cached negatives
+    answer_passage_ids: list[str] = dataclasses.field(default_factory=list)  # passages known to hold an answer
 
 
 class RetrievalExamples(Dataset):
@@ -71,11 +74,13 @@ class RetrievalExamples(Dataset):
         self.epoch = 0
         columns = examples.column_names
         random_ids = examples["random_negative_ids"] if "random_negative_ids" in columns else None
+        answer_ids = examples["answer_passage_ids"] if "answer_passage_ids" in columns else None
         self.query_ids: list[str] = []
         self.questions: list[str] = []
         self.positives: list[list[str]] = []
         self.mined: list[list[str]] = []
         self.randoms: list[list[str]] = []
+        self.answer_passages: list[list[str]] = []
         self.skipped = 0
         for row, (qid, question, positives, negatives) in enumerate(
             zip(examples["id"], examples["question"], examples["positive_ids"], examples["hard_negative_ids"])
@@ -90,6 +95,7 @@ class RetrievalExamples(Dataset):
             self.mined.append(list(_unique(n for n in negatives if n not in excluded)))
             extra = random_ids[row] if random_ids is not None else []
             self.randoms.append(list(_unique(n for n in extra if n not in excluded)))
+            self.answer_passages.append(list(_unique(answer_ids[row] or [])) if answer_ids is not None else [])
 
     def set_epoch(self, epoch: int) -> None:
         """Select which positive and which window of negatives each item uses."""
@@ -101,7 +107,8 @@ class RetrievalExamples(Dataset):
     def __getitem__(self, index: int) -> TrainItem:
         positives = self.positives[index]
         positive = positives[self.epoch % len(positives)]
-        return TrainItem(self.query_ids[index], self.questions[index], positive, self.negatives(index), list(positives))
+        return TrainItem(self.query_ids[index], self.questions[index], positive, self.negatives(index), list(positives),
+                         list(self.answer_passages[index]))
 
     def negatives(self, index: int) -> list[str]:
         """The ``N`` hard negatives of item ``index`` in the current epoch."""
@@ -113,7 +120,7 @@ class RetrievalExamples(Dataset):
             start = (self.epoch * n) % len(mined)
             return [mined[(start + j) % len(mined)] for j in range(n)]
         chosen = list(mined)
-        taken = set(chosen) | set(self.positives[index])
+        taken = set(chosen) | set(self.positives[index]) | set(self.answer_passages[index])
         for pid in self.randoms[index]:
             if len(chosen) == n:
                 return chosen
@@ -198,6 +205,7 @@ class Batch:
     positive_rows: list[list[int]]  # (B, P_i), rows of every positive of each question
     titles: list[str]
     texts: list[str]
+    answer_rows: list[list[int]] = dataclasses.field(default_factory=list)  # (B, A_i) rows holding an answer; [] if unknown
 
     @property
     def size(self) -> int:
@@ -228,5 +236,6 @@ class BatchCollator:
             positive_rows=[self.passages.rows(item.all_positive_ids, "training examples") for item in items],
             titles=titles,
             texts=texts,
+            answer_rows=[self.passages.rows(item.answer_passage_ids, "training examples") for item in items],
         )
 

@@ -15,6 +15,12 @@ positive. A negative cache (``negative_cache``) adds passages of earlier steps t
 through the sampled estimator of :mod:`ragkit.retriever.negative_cache`. That estimator keeps the
 in-batch partition of the chosen loss (DPR or GTE) and runs on the plain step or the gradient cache; it
 does not combine with a guide, which would have to score every cached passage to mask the cache's softmax.
+A question's positives and the passages mining found to contain its answer are kept out of its cache
+softmax (the draw and the partition alike). Mining only checks the passages BM25 retrieved for it (its top
+``depth``): an answer-bearing passage BM25 missed is not known, so it is not masked and can still act as a
+false negative from the cache. Each step's log record adds ``cache_size`` (passages the step's queries
+competed against) and ``cache_staleness`` (:func:`~ragkit.retriever.negative_cache.staleness` of the drawn
+items' cached embeddings against their re-encoding; null while nothing could be drawn).
 
 Runs survive a crash. Everything in progress lives in a work directory next to the output,
 ``<out parent>/.<out name>.work/``: the per-step log ``metrics.jsonl``, the best model so far and
@@ -63,7 +69,7 @@ from .distributed import (DistInfo, barrier, cleanup_distributed, gather_no_grad
 from .encoder import BiEncoder, RetrieverSpec, load_tokenizer, tokenize_passages, tokenize_queries
 from .gradcache import Chunk, GradCache, full_batch_step, split_inputs
 from .losses import DIRECTIONS, ContrastiveLoss
-from .negative_cache import CacheDraw, NegativeCache, cache_loss, distributed_draw, refresh_drawn
+from .negative_cache import CacheDraw, NegativeCache, cache_loss, distributed_draw, refresh_drawn, staleness
 
 STAGE = "train-retriever"
 METRICS_FILE = "metrics.jsonl"
@@ -260,6 +266,14 @@ class NegativeCacheStep:
     cross-entropy over batch + cache (with the cache's stale scores). The in-batch candidates follow
     ``directions`` (DPR or GTE); the cache joins the query->passage pool.
 
+    Per query, the cache entries that are its positives or its known answer-bearing passages
+    (``batch.answer_rows``), and every passage of the global batch, are masked before the draw; the draw's
+    logsumexp, which is the cache's share of the partition in the loss, is taken over the same allowed
+    entries, so the draw and the partition cannot disagree. After each call :attr:`stats` holds the step's
+    ``cache_size`` (entries over all shards when the draw was made) and ``cache_staleness`` (relative
+    distance of the drawn items' cached embeddings to their re-encoding, over the global batch; None when
+    no item was drawn).
+
     With ``chunk_size > 0`` the step runs through the gradient cache: the queries are encoded first (the
     draw needs them), the drawn items are appended to the batch's passages as extra rows, and all those rows
     are encoded chunk by chunk; the loss function splits them back into batch and drawn passages. Both
@@ -283,9 +297,11 @@ class NegativeCacheStep:
         # process shares (and no process uses for anything else), so all ranks pick the same shard.
         self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + 1 + rank)
         self.shard_generator = torch.Generator(device=device).manual_seed(seed * 7919)
+        self.stats: dict[str, float | int | None] = {}
 
     def __call__(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
         """Forward and backward of one step on this process's share of the batch; returns the detached loss."""
+        self.stats = {"cache_size": int(gather_no_grad(torch.tensor([len(self.cache)], device=self.device)).sum())}
         if self.grad_cache is not None:
             return self._cached_step(batch, query_inputs, passage_inputs)
         query = self._encode(query_inputs, "query")  # (b, D)
@@ -321,11 +337,14 @@ class NegativeCacheStep:
 
     def draw(self, batch: Batch, query: Tensor) -> CacheDraw:
         """One cached item per local query, exact over every process's shard; never one of the query's
-        positives nor a passage of the global batch."""
+        positives or known answer-bearing passages, nor a passage of the global batch."""
+        excluded = batch.positive_rows
+        if batch.answer_rows:
+            excluded = [positives + answers for positives, answers in zip(batch.positive_rows, batch.answer_rows)]
         return distributed_draw(
             self.cache, query.detach(), generator=self.generator, shard_generator=self.shard_generator,
             temperature=self.temperature, similarity=self.similarity,
-            excluded_ids=batch.positive_rows, batch_ids=batch.passage_rows,
+            excluded_ids=excluded, batch_ids=batch.passage_rows,
         )
 
     def loss(self, query: Tensor, rows: Tensor, *, cache_lse: Tensor, valid: Tensor, batch_rows: int) -> Tensor:
@@ -341,6 +360,10 @@ class NegativeCacheStep:
 
     def _update_cache(self, batch: Batch, draw: CacheDraw, passage_inputs: dict[str, Tensor], passage: Tensor,
                       drawn: Tensor) -> None:
+        # Measured over the global batch so every process logs the same number.
+        stale = staleness(gather_no_grad(draw.cached.flatten(0, 1)), gather_no_grad(drawn),
+                          gather_no_grad(draw.valid.flatten()))
+        self.stats["cache_staleness"] = None if bool(stale.isnan()) else float(stale)
         refresh_drawn(self.cache, draw, drawn)
         rows = torch.tensor(batch.passage_rows, dtype=torch.long)
         self.cache.add(passage, rows, passage_inputs["input_ids"], passage_inputs["attention_mask"],
@@ -632,9 +655,13 @@ class Trainer:
                 if state.batch_in_epoch == per_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 speed = trained_examples / trained_seconds
+                cache_stats = self.negatives.stats if self.negatives is not None else {}
                 self._log(log, {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                                "grad_norm": grad_norm, "examples_per_s": round(speed, 2)})
-                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{speed:.1f}")
+                                "grad_norm": grad_norm, "examples_per_s": round(speed, 2), **cache_stats})
+                postfix = {"loss": f"{loss:.4f}", "ex_s": f"{speed:.1f}"}
+                if cache_stats.get("cache_staleness") is not None:
+                    postfix["stale"] = f"{cache_stats['cache_staleness']:.3f}"
+                bar.set_postfix(**postfix)
                 bar.update(1)
                 last = state.step == self.total_steps
                 if self.dev is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
