@@ -38,6 +38,6 @@ def mine(ingest: str, out: str, **options: Any):
 def evaluate(artifact: str, out: str, **options: Any):
     """Score the runs of a mine / index artifact (see :class:`ragkit.config.EvaluateConfig`)."""
     from .config import EvaluateConfig
-    from .evaluate import run
+    from .evaluation import run
 
     return run(EvaluateConfig(artifact=str(artifact), out=str(out), **options))

@@ -159,7 +159,7 @@ def train_retriever(
     manifest = run(cfg)
     report(manifest)
     if manifest.metrics.get("dev"):
-        from .evaluate import format_table
+        from .evaluation import format_table
 
         rows = {"dev (bm25)": manifest.metrics.get("bm25_dev"), "dev (start)": manifest.metrics.get("dev_start"),
                 "dev (trained)": manifest.metrics["dev"]}
@@ -192,7 +192,7 @@ def mine(
 ) -> None:
     """BM25-retrieve every question; write runs, positives and hard negatives."""
     from .config import MineConfig, load_config
-    from .evaluate import format_table
+    from .evaluation import format_table
     from .mining import run
 
     cfg = load_config(
@@ -221,7 +221,7 @@ def evaluate(
 ) -> None:
     """Score an artifact's runs: top-k accuracy, recall, MRR@10, nDCG@10."""
     from .config import EvaluateConfig, load_config
-    from .evaluate import format_table, run
+    from .evaluation import format_table, run
 
     cfg = load_config(
         EvaluateConfig, config, "evaluate", artifact=str(artifact), out=str(out) if out else None,

@@ -41,7 +41,7 @@ import numpy as np
 from .artifacts import Manifest, artifact_input, read_upstream, staged_output
 from .bm25 import BM25Index, Tokenizer
 from .errors import RagkitError
-from .evaluate import DEFAULT_KS, AnswerMatcher, PassageLookup, RetrievalMetrics, load_questions
+from .evaluation import DEFAULT_KS, AnswerMatcher, PassageLookup, RetrievalMetrics, load_questions
 from .runs import TrecWriter, format_trec
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ import pytest
 from ragkit.artifacts import Manifest, artifact_input
 from ragkit.config import EvaluateConfig
 from ragkit.errors import RagkitError
-from ragkit.evaluate import (
+from ragkit.evaluation import (
     PassageLookup,
     RetrievalMetrics,
     document_ranking,

@@ -13,7 +13,7 @@ import pytest
 
 from ragkit import ingest
 from ragkit.errors import RagkitError
-from ragkit.evaluate import RetrievalMetrics
+from ragkit.evaluation import RetrievalMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from ragkit.artifacts import Manifest, artifact_input, read_upstream
 from ragkit.config import TrainRetrieverConfig
 from ragkit.errors import RagkitError
-from ragkit.evaluate import PassageLookup
+from ragkit.evaluation import PassageLookup
 from ragkit.retriever.data import BatchCollator, ResumableBatchSampler, RetrievalExamples
 from ragkit.retriever.encoder import BiEncoder, load_tokenizer, tokenize_passages
 from ragkit.retriever.losses import ContrastiveLoss

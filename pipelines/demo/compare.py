@@ -5,7 +5,7 @@
 Both columns come from the retriever's manifest: ``metrics.bm25_dev`` is the BM25 run of the mine artifact
 it was trained from, ``metrics.dev_start`` the starting model before any step, ``metrics.dev`` the kept
 (trained) model, each an exact search over the whole corpus on the same questions with the same metric
-code (``ragkit.evaluate``).
+code (``ragkit.evaluation``).
 """
 
 from __future__ import annotations

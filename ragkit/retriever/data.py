@@ -2,7 +2,7 @@
 
 Three pieces, each with one job:
 
-* Passages are read by id through :class:`ragkit.evaluate.PassageLookup`, which takes rows from the
+* Passages are read by id through :class:`ragkit.evaluation.PassageLookup`, which takes rows from the
   ingest artifact's memory-mapped ``passages`` dataset (its id -> row map is built once), so the corpus
   is never copied into Python objects.
 * :class:`RetrievalExamples` is the map-style dataset. Item ``i`` of epoch ``e`` is the question, one
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import RagkitError
-from ..evaluate import PassageLookup
+from ..evaluation import PassageLookup
 from .distributed import shard_bounds
 from .encoder import tokenize_passages, tokenize_queries
 

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..artifacts import Manifest, artifact_input, hash_file, read_upstream, staged_output
 from ..config import TrainRetrieverConfig, as_dict
 from ..errors import RagkitError
-from ..evaluate import DEFAULT_KS, PassageLookup, retrieval_metrics
+from ..evaluation import DEFAULT_KS, PassageLookup, retrieval_metrics
 from .data import Batch, BatchCollator, ResumableBatchSampler, RetrievalExamples
 from .distributed import (DistInfo, barrier, cleanup_distributed, gather_no_grad, gather_with_grad, global_loss,
                           init_distributed, is_distributed)
