@@ -10,15 +10,14 @@ batch, each rank's rows encoded under that rank's seed and chunking.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
+
+from gloo import spawn_and_collect
 
 from ragkit.config import TrainRetrieverConfig
 from ragkit.errors import RagkitError
@@ -224,23 +223,11 @@ def _negative_cache_steps(rank: int, out_dir: str) -> None:
                    os.path.join(out_dir, f"cache-{kind}-{chunk}-{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
-    return {path.stem: torch.load(path) for path in out_dir.glob("*.pt")}
+    return spawn_and_collect(_worker, WORLD, out_dir)
 
 
 # --- GTE and GIST --------------------------------------------------------------------------------------

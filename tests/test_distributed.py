@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
+
+from gloo import spawn_and_collect
 
 from ragkit.errors import RagkitError
 from ragkit.retriever.distributed import (
@@ -129,23 +128,11 @@ def _run_collectives(info, out_dir: str) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
-    return {path.stem: torch.load(path) for path in out_dir.glob("*.pt")}
+    return spawn_and_collect(_worker, WORLD, out_dir)
 
 
 def single_process_reference(shared: bool, cached: bool):
