@@ -175,6 +175,8 @@ def mine(
     depth: Optional[int] = typer.Option(None, help="BM25 results per question."),
     negatives: Optional[int] = typer.Option(None, help="Hard negatives kept per question."),
     random_negatives: Optional[int] = typer.Option(None, help="Random negatives per question."),
+    given_negatives: Optional[str] = typer.Option(
+        None, help="Negatives that came with the questions (DPR JSON): ignore | first (then mined) | only."),
     seed: Optional[int] = typer.Option(None, help="Seed for the random negatives."),
     backend: Optional[str] = typer.Option(None, help="bm25s | rank-bm25"),
     method: Optional[str] = typer.Option(None, help="robertson | lucene"),
@@ -197,7 +199,7 @@ def mine(
 
     cfg = load_config(
         MineConfig, config, "mine", ingest=str(ingest), out=str(out) if out else None, splits=split or None,
-        depth=depth, negatives=negatives, random_negatives=random_negatives, seed=seed, backend=backend,
+        depth=depth, negatives=negatives, random_negatives=random_negatives, given_negatives=given_negatives, seed=seed, backend=backend,
         method=method, k1=k1, b=b, stopwords=stopwords, stem=stem, match_type=match_type, export_dpr=export_dpr,
         chunk_size=chunk_size, workers=workers, index_from=str(index_from) if index_from else None,
         overwrite=overwrite,

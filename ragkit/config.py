@@ -219,6 +219,7 @@ class TrainRetrieverConfig:
 BM25_BACKENDS = ("bm25s", "rank-bm25")
 BM25_METHODS = ("robertson", "lucene")
 MATCH_TYPES = ("string", "regex")
+GIVEN_NEGATIVES = ("ignore", "first", "only")
 
 
 @dataclasses.dataclass
@@ -236,6 +237,9 @@ class MineConfig:
     """Hard negatives kept per question, in BM25 rank order."""
     random_negatives: int = 0
     """Uniformly drawn negatives per question (same filters as hard negatives)."""
+    given_negatives: str = "ignore"
+    """Hard negatives that came with the questions (DPR JSON ``hard_negative_ctxs``): ignore them, put them
+    first and fill up with mined ones, or use only them. Given ones pass the same filters as mined ones."""
     seed: int = 0
     backend: str = "bm25s"
     """bm25s (fast) or rank-bm25 (the slow reference)."""
@@ -268,6 +272,7 @@ class MineConfig:
         _check_choice("backend", self.backend, BM25_BACKENDS)
         _check_choice("method", self.method, BM25_METHODS)
         _check_choice("match_type", self.match_type, MATCH_TYPES)
+        _check_choice("given_negatives", self.given_negatives, GIVEN_NEGATIVES)
         if self.backend == "rank-bm25" and self.method != "robertson":
             raise RagkitError(f"method={self.method!r}: the rank-bm25 backend implements only 'robertson' (use --backend bm25s)")
         for name in ("depth", "chunk_size"):

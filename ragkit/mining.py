@@ -9,6 +9,10 @@ For each question the top ``depth`` BM25 passages (over ``title + " " + text``) 
   (token-level ``has_answer``, so "art" in "party" is not a match), and whose document is not judged
   relevant (``doc_ids`` with grade > 0, BEIR qrels). Questions without answers (BEIR) rely on the last
   two filters only. At most ``negatives`` are kept, best first.
+- **Given negatives**: hard negatives that came with the questions (DPR JSON ``hard_negative_ctxs``,
+  the ingest column ``hard_negative_ids``) are ignored by default; ``given_negatives="first"`` puts them
+  ahead of the mined ones (then mined ones fill up to ``negatives``), ``"only"`` keeps just them. They
+  pass the same three filters, so the guarantees below hold for every negative.
 - **Random negatives** (optional) are drawn uniformly from the corpus under the same filters, with a
   generator seeded by (seed, split, question id), so they do not depend on chunking or worker count.
 - **Answer passages** (``answer_passage_ids``) are the positives followed by every top-``depth`` passage
@@ -149,6 +153,8 @@ class Question:
     positive_ids: list[str]
     gold: list[int]
     """Rows of ``positive_ids``."""
+    given: list[int]
+    """Rows of the hard negatives that came with the question (``hard_negative_ids``)."""
     doc_ids: list[str]
     doc_scores: list[int]
     ranked: np.ndarray
@@ -182,7 +188,7 @@ class ChunkMiner:
     """
 
     def __init__(self, ingest_dir: str, match_type: str, negatives: int, random_negatives: int, seed: int,
-                 export_dpr: bool, ks: Sequence[int]) -> None:
+                 export_dpr: bool, ks: Sequence[int], given_negatives: str = "ignore") -> None:
         self.passages = PassageLookup.open(ingest_dir)
         self.matcher = AnswerMatcher(self.passages, match_type)
         self.negatives = negatives
@@ -190,6 +196,7 @@ class ChunkMiner:
         self.seed = seed
         self.export_dpr = export_dpr
         self.ks = tuple(ks)
+        self.given_negatives = given_negatives
 
     def select(self, split: str, q: Question, ranked_docs: list[str]) -> Selection:
         answer_flags = (lambda rows: self.matcher.flags(q.answers, rows)) if q.answers else None
@@ -197,6 +204,15 @@ class ChunkMiner:
         ranked = q.ranked.tolist()
         judged = [doc in relevant for doc in ranked_docs] if relevant else None
         selection = select_examples(ranked, q.gold, self.negatives, answer_flags, judged)
+        if self.given_negatives != "ignore":
+            excluded = set(q.gold) | set(selection.positives)
+            given = [row for row in dict.fromkeys(q.given) if row not in excluded]
+            if given and answer_flags is not None:
+                given = [row for row, hit in zip(given, answer_flags(given)) if not hit]
+            if given and relevant:
+                given = [row for row, doc in zip(given, self.passages.doc_ids_at(given)) if doc not in relevant]
+            mined = selection.hard_negatives if self.given_negatives == "first" else []
+            selection.hard_negatives = list(dict.fromkeys(given + mined))[: self.negatives]
         if self.random_negatives:
             rng = np.random.default_rng([self.seed, zlib.crc32(f"{split}\0{q.id}".encode("utf-8"))])
             judged_fn = (lambda rows: [d in relevant for d in self.passages.doc_ids_at(rows)]) if relevant else None
@@ -424,7 +440,8 @@ def run(cfg: MineConfig) -> Manifest:
 
     # Accuracy at a cut-off deeper than the run would only repeat accuracy@depth.
     ks = [k for k in DEFAULT_KS if k <= cfg.depth] or [cfg.depth]
-    miner_args = (str(ingest_dir), cfg.match_type, cfg.negatives, cfg.random_negatives, cfg.seed, cfg.export_dpr, ks)
+    miner_args = (str(ingest_dir), cfg.match_type, cfg.negatives, cfg.random_negatives, cfg.seed, cfg.export_dpr, ks,
+                  cfg.given_negatives)
     executor = _start_workers(workers, miner_args) if workers > 1 else None
     miner = ChunkMiner(*miner_args) if executor is None else None
     counts: dict[str, Any] = {"passages": len(passages)}
@@ -464,6 +481,7 @@ def run(cfg: MineConfig) -> Manifest:
                 "hard_negative_answer_match": f"has_answer ({cfg.match_type}) over passage text",
                 "exclude_gold_positives": True,
                 "exclude_judged_relevant_documents": "doc_scores > 0",
+                "given_negatives": cfg.given_negatives,
                 "positive_without_gold": "highest-ranked passage containing an answer",
                 "answer_passages": "positives + every top-depth passage containing an answer",
             }
@@ -492,7 +510,7 @@ def _mine_split(
     from tqdm.auto import tqdm
 
     questions = load_questions(ingest_dir, split)
-    missing = {"id", "question", "answers", "positive_ids", "doc_ids", "doc_scores"} - set(questions.column_names)
+    missing = {"id", "question", "answers", "positive_ids", "hard_negative_ids", "doc_ids", "doc_scores"} - set(questions.column_names)
     if missing:
         raise RagkitError(f"{ingest_dir}/questions/{split}: lacks column(s) {', '.join(sorted(missing))} (rebuild the ingest artifact with this ragkit)")
     source = f"{ingest_dir}/questions/{split}"
@@ -533,9 +551,11 @@ def _mine_split(
                 for i, qid in enumerate(batch["id"]):
                     valid = rows[i] >= 0
                     positive_ids = list(batch["positive_ids"][i] or [])
+                    given = list(batch["hard_negative_ids"][i] or []) if cfg.given_negatives != "ignore" else []
                     chunk.append(Question(
                         id=qid, question=batch["question"][i], answers=list(batch["answers"][i] or []),
                         positive_ids=positive_ids, gold=passages.rows(positive_ids, f"{source}: question {qid!r}"),
+                        given=passages.rows(given, f"{source}: question {qid!r}"),
                         doc_ids=list(batch["doc_ids"][i] or []), doc_scores=list(batch["doc_scores"][i] or []),
                         ranked=rows[i][valid].astype(np.int32), scores=scores[i][valid],
                     ))

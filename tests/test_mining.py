@@ -295,3 +295,51 @@ def test_mine_config_refuses_bad_settings(ingested, tmp_path):
     with pytest.raises(RagkitError, match="has no 'test' split"):
         ragkit.mine(str(ingested), str(tmp_path / "m"), splits=["test"])
     assert not (tmp_path / "m").exists()
+
+
+def test_given_negatives_from_dpr_json(tmp_path):
+    """DPR JSON ships hard negatives: ignored by default, put first or used alone on request, always filtered."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    filler = ["river", "stone", "market", "winter", "glass", "paper", "lamp", "harbor"]
+    rows = [(f"p{i}", " ".join(filler[(i + j) % 8] for j in range(6)) + f" extra{i}", f"T{i}") for i in range(40)]
+    rows[1] = ("p1", "the founder of acme is alice jones and more words", "Acme")  # gold
+    rows[2] = ("p2", "acme founder alice jones again", "Acme")  # given, but holds the answer
+    rows[3] = ("p3", "acme founder alice again story", "Acme")  # given, fair: shares words, no answer
+    rows[4] = ("p4", "acme founder bob smith", "Acme")  # given, fair
+    rows[5] = ("p5", "acme founder story of acme founder", "Acme")  # mined by BM25 only
+    with open(raw / "psgs.tsv", "w") as handle:
+        handle.write("id\ttext\ttitle\n" + "".join(f"{i}\t{t}\t{ti}\n" for i, t, ti in rows))
+
+    def ctx(i):
+        return {"passage_id": rows[i][0], "title": rows[i][2], "text": rows[i][1]}
+
+    items = [{"question": "who is the founder of acme", "answers": ["alice jones"],
+              "positive_ctxs": [ctx(1)], "hard_negative_ctxs": [ctx(4), ctx(2), ctx(1), ctx(3), ctx(4)]},
+             {"question": "extra7 extra8 extra9", "answers": ["extra7"], "positive_ctxs": [ctx(7)],
+              "hard_negative_ctxs": []}]
+    (raw / "train.json").write_text(json.dumps(items))
+    ingested = ragkit.ingest([str(raw / "psgs.tsv"), str(raw / "train.json")], str(tmp_path / "ingest")).path
+    assert load_split_questions(ingested)[0]["hard_negative_ids"] == ["p4", "p2", "p3"]  # gold dropped by ingest
+
+    def mined(mode, negatives=4):
+        out = tmp_path / f"mine-{mode}-{negatives}"
+        manifest = ragkit.mine(str(ingested), str(out), negatives=negatives, given_negatives=mode, workers=1)
+        assert manifest.config["filters"]["given_negatives"] == mode
+        return [e["hard_negative_ids"] for e in load_split(out, "train")]
+
+    ignored, first, only = mined("ignore"), mined("first"), mined("only")
+    run = read_run(tmp_path / "mine-ignore-4" / "runs" / "train.trec")
+    eligible = [p for p in run["train-0"] if p not in ("p1", "p2")]  # not gold, no answer
+    assert ignored[0] == eligible[:4]
+    # p2 holds the answer and is filtered out even though it was given; the order given is kept.
+    assert only[0] == ["p4", "p3"]
+    assert first[0] == list(dict.fromkeys(["p4", "p3"] + eligible))[:4]
+    assert mined("first", negatives=1)[0] == ["p4"]
+    assert only[1] == [] and first[1] == ignored[1] != []
+    with pytest.raises(RagkitError, match="given_negatives='all' is not one of"):
+        ragkit.mine(str(ingested), str(tmp_path / "bad"), given_negatives="all")
+
+
+def load_split_questions(artifact, split="train"):
+    return datasets.load_from_disk(str(artifact / "questions" / split)).to_list()
