@@ -12,6 +12,9 @@ Readers cover the formats retrieval data already ships in:
 * jsonl with configurable field names: a line with the text field is a passage, a line with the question
   field a question.
 
+Any of these files may be gzip-compressed (``psgs_w100.tsv.gz``, ``nq-train.json.gz``): a ``.gz`` suffix is
+read through ``gzip`` and the format comes from the suffix before it.
+
 Documents are cut DPR-style into windows of ``window`` words starting every ``stride`` words. A window is
 the verbatim slice of its document from its first word to its last, and keeps the document's title in the
 ``title`` column. A document that fits one window keeps its id; a longer one gives ``{doc_id}#{k}``.
@@ -33,12 +36,14 @@ import collections
 import csv
 import dataclasses
 import functools
+import gzip
 import hashlib
 import itertools
 import json
 import random
 import re
 import shutil
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -186,9 +191,24 @@ def _not_utf8(path: Path, line: int | None) -> RagkitError:
     return located(path, line, "not valid UTF-8 (re-encode the file as UTF-8, e.g. with iconv)")
 
 
+@contextmanager
+def _open_bytes(path: Path) -> Iterator[Any]:
+    """The file's bytes, decompressed when its name ends in ``.gz``; a broken gzip stream is a one-line error."""
+    if path.suffix.lower() != ".gz":
+        with open(path, "rb") as handle:
+            yield handle
+        return
+    try:
+        with gzip.open(path, "rb") as handle:
+            yield handle
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise located(path, None, f"is not a readable gzip file ({exc or 'truncated'}); re-download it or "
+                      "decompress it and pass the plain file") from None
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each line of a UTF-8 file (line end included)."""
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8")
@@ -198,7 +218,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _first_bad_utf8_line(path: Path) -> int | None:
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 raw.decode("utf-8")
@@ -251,7 +271,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _load_json(path: Path) -> Any:
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         data = handle.read()
     try:
         text = data.decode("utf-8-sig")
@@ -305,7 +325,7 @@ def _json_array_items(path: Path) -> Iterator[tuple[int, Any]]:
                 return
             more()
 
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         skip_space()
         if pos == len(buf):
             raise located(path, None, "empty input: the file holds no JSON (pass a non-empty file)")
@@ -742,7 +762,7 @@ _READERS: dict[str, type[_Source]] = {
 
 
 def _sniff_json(path: Path) -> str | None:
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         head = handle.read(1 << 16).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
     if not head:
         raise located(path, None, "empty input: the file holds no JSON (pass a non-empty file)")
@@ -769,7 +789,7 @@ def detect_format(path: str | Path, format: str = "auto") -> str:
     ``format`` is ``--format``: ``auto`` decides from the path (a directory with ``corpus.jsonl`` is BEIR;
     ``.json`` is SQuAD when it holds ``{"data": [{"paragraphs": ...}]}``, a DPR retriever file when it is
     a list of objects with ``positive_ctxs``; ``.tsv``/``.csv`` is a DPR passage file when its header
-    names id/text/title, else a DPR qas file; ``.jsonl`` is jsonl).
+    names id/text/title, else a DPR qas file; ``.jsonl`` is jsonl). A ``.gz`` suffix is looked through.
     """
     path = Path(path)
     if not path.exists():
@@ -781,7 +801,8 @@ def detect_format(path: str | Path, format: str = "auto") -> str:
     if format == "beir":
         raise located(path, None, "--format beir reads a directory holding corpus.jsonl, queries.jsonl and qrels/ "
                       "(pass that directory)")
-    suffix = path.suffix.lower()
+    suffixes = [x.lower() for x in path.suffixes]
+    suffix = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] == ".gz" else path.suffix.lower()
     if format == "jsonl" or (format == "auto" and suffix == ".jsonl"):
         return "jsonl"
     if suffix in (".tsv", ".csv") and format in ("auto", "dpr"):

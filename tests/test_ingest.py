@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -216,6 +217,25 @@ def test_dpr_tsv_json_and_qas(tmp_path):
     test_rows = load(out, "questions/test").to_list()
     assert [(r["id"], r["question"], r["answers"]) for r in test_rows] == [
         ("test-0", "who said hi", ["he", "He"]), ("test-1", "where", [])]
+
+
+def test_gzipped_inputs_read_like_the_plain_files(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    files = dpr_files(plain)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    gzipped = []
+    for path in files:
+        target = packed / (path.name + ".gz")
+        target.write_bytes(gzip.compress(path.read_bytes()))
+        gzipped.append(target)
+    assert [detect_format(p) for p in gzipped] == ["dpr-passages", "dpr-json", "dpr-qas"]
+    one = ingest([str(p) for p in files], str(tmp_path / "a"), window=8)
+    two = ingest([str(p) for p in gzipped], str(tmp_path / "b"), window=8)
+    assert one.counts == two.counts
+    for name in ("passages", "questions/train", "questions/test"):
+        assert load(tmp_path / "a", name).to_list() == load(tmp_path / "b", name).to_list()
 
 
 def test_cut_gold_passage_without_answer_in_any_window_keeps_all_windows(tmp_path):

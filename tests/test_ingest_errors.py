@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -124,6 +125,12 @@ CASES = {
     "gold passage not in the corpus": (
         lambda t: ([psgs(t, "1\tx\tt"), write(t / "q.jsonl", jsonl({"question": "q", "positive_ids": ["1"]}, {"question": "r", "positive_ids": ["8"]}))], []),
         "q.jsonl", "q.jsonl:2: document '8' is not in the corpus"),
+    "truncated gzip file": (
+        lambda t: ([write(t / "psgs.tsv.gz", gzip.compress((PSGS_HEADER + "1\tx\tt\n" * 50).encode())[:-12])], []),
+        "psgs.tsv.gz", "is not a readable gzip file"),
+    "gzip of non-UTF-8 bytes": (
+        lambda t: ([write(t / "p.jsonl.gz", gzip.compress(jsonl({"id": "1", "text": "x"}).encode() + b'{"id": "2", "text": "\xff"}\n'))], []),
+        "p.jsonl.gz", "p.jsonl.gz:2: not valid UTF-8"),
     "unknown format": (
         lambda t: ([write(t / "notes.txt", "hello\n")], []),
         "notes.txt", "cannot read '.txt' files"),
