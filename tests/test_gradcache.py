@@ -78,16 +78,17 @@ def assert_same_gradients(a, b, atol=1e-5):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("keep_last_graph", [True, False], ids=["keep-last", "replay-all"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
 @pytest.mark.parametrize("query_chunk,passage_chunk", [(2, 6), (4, 5), (1, 7), (6, 18)])
-def test_cached_step_equals_one_graph_over_the_batch(batch, shared, query_chunk, passage_chunk):
+def test_cached_step_equals_one_graph_over_the_batch(batch, shared, query_chunk, passage_chunk, keep_last_graph):
     query, passage = batch
     loss_fn = ContrastiveLoss(temperature=0.05, directions=("query_to_passage", "query_to_query", "passage_to_query", "passage_to_passage"))
     cached_model = tiny_encoder(shared)
     reference_model = copy.deepcopy(cached_model)
 
     torch.manual_seed(123)
-    cached_loss = GradCache(cached_model, loss_fn, query_chunk, passage_chunk)(query, passage)
+    cached_loss = GradCache(cached_model, loss_fn, query_chunk, passage_chunk, keep_last_graph=keep_last_graph)(query, passage)
     rng_after_cache = torch.get_rng_state()
     torch.manual_seed(123)
     reference_loss = chunked_graph_step(reference_model, loss_fn, query, passage, query_chunk, passage_chunk)
@@ -97,6 +98,19 @@ def test_cached_step_equals_one_graph_over_the_batch(batch, shared, query_chunk,
     assert_same_gradients(cached_model, reference_model)
     # The replays run on forked generators: the run's random stream advances as if each chunk ran once.
     assert torch.equal(rng_after_cache, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("keep_last_graph", [True, False])
+def test_the_last_chunk_of_each_tower_is_encoded_once(batch, keep_last_graph):
+    query, passage = batch
+    model = tiny_encoder(shared=True)
+    rows = []
+    model.register_forward_hook(lambda module, args, kwargs, out: rows.append((kwargs["tower"], out.size(0))), with_kwargs=True)
+    GradCache(model, ContrastiveLoss(temperature=0.05), 4, 5, keep_last_graph=keep_last_graph)(query, passage)
+    q_chunks, p_chunks = -(-BATCH // 4), -(-BATCH * GROUP // 5)
+    replays = (q_chunks - keep_last_graph) + (p_chunks - keep_last_graph)
+    assert len(rows) == q_chunks + p_chunks + replays
+    assert sum(n for tower, n in rows if tower == "query") == 2 * BATCH - keep_last_graph * (BATCH - 4 * (q_chunks - 1))
 
 
 def test_single_chunk_cache_equals_full_batch_step_with_dropout(batch):

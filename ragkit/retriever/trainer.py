@@ -67,7 +67,7 @@ from .data import Batch, BatchCollator, ResumableBatchSampler, RetrievalExamples
 from .distributed import (DistInfo, barrier, cleanup_distributed, gather_no_grad, gather_with_grad, global_loss,
                           init_distributed, is_distributed)
 from .encoder import BiEncoder, RetrieverSpec, load_tokenizer, tokenize_passages, tokenize_queries
-from .gradcache import Chunk, GradCache, full_batch_step, split_inputs
+from .gradcache import GradCache, full_batch_step, split_inputs
 from .losses import DIRECTIONS, ContrastiveLoss
 from .negative_cache import CacheDraw, NegativeCache, cache_loss, distributed_draw, refresh_drawn, staleness
 
@@ -317,20 +317,16 @@ class NegativeCacheStep:
     def _cached_step(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
         grad_cache = self.grad_cache
         query_chunks = split_inputs(query_inputs, grad_cache.query_chunk_size)
-        query, query_states = grad_cache.forward_no_grad(query_chunks, "query")  # (b, D)
+        query, query_first = grad_cache.forward_first(query_chunks, "query")  # (b, D)
         draw = self.draw(batch, query)
         rows = append_rows(passage_inputs, {k: v.to(self.device) for k, v in draw.inputs().items()})
         passage_chunks = split_inputs(rows, grad_cache.passage_chunk_size)
-        passage, passage_states = grad_cache.forward_no_grad(passage_chunks, "passage")  # (b * G + b * S, D)
+        passage, passage_first = grad_cache.forward_first(passage_chunks, "passage")  # (b * G + b * S, D)
         batch_rows = passage_inputs["input_ids"].size(0)
         loss, query_grad, passage_grad = grad_cache.build_cache(query, passage, cache_lse=draw.lse, valid=draw.valid,
                                                                 batch_rows=batch_rows)
-        grad_cache.forward_backward(
-            [Chunk(x, "query", rng, g) for x, rng, g in
-             zip(query_chunks, query_states, query_grad.split(grad_cache.query_chunk_size))],
-            [Chunk(x, "passage", rng, g) for x, rng, g in
-             zip(passage_chunks, passage_states, passage_grad.split(grad_cache.passage_chunk_size))],
-        )
+        grad_cache.forward_backward(grad_cache.chunks(query_chunks, "query", query_first, query_grad),
+                                    grad_cache.chunks(passage_chunks, "passage", passage_first, passage_grad))
         # The replayed forwards drew the same dropout masks, so these are the embeddings the loss saw.
         self._update_cache(batch, draw, passage_inputs, passage[:batch_rows], passage[batch_rows:])
         return loss
