@@ -13,7 +13,8 @@ With ``--chunk-size`` every variant runs through the gradient cache (same gradie
 negative cache included. The table shows each artifact's dev scores as the trainer recorded them
 (``metrics.dev`` of its manifest: the kept model, exact search) and the wall-clock seconds of the whole
 ``ragkit train retriever`` call (model load, training, one final evaluation), next to BM25 on the same
-dev questions (``metrics.bm25_dev``).
+dev questions (``metrics.bm25_dev``). The top-20 column is accuracy@20 (an answer in the top 20, DPR's metric) when
+the questions have answers, else recall@20 of the judged passages (BEIR data such as SciFact).
 
 Data: by default the demo corpus (``data/demo/generate.py``), generated, ingested and mined into a
 temporary directory at ``--scale``; ``--mine DIR`` uses an existing mine artifact instead, e.g. SciFact's
@@ -42,7 +43,9 @@ VARIANTS = {
     "gist": ["--loss", "dpr", "--guide", "minilm", "--guide-margin-strategy", "absolute", "--guide-margin", "0"],
     "negcache": ["--loss", "dpr", "--negative-cache", "{negative_cache}"],
 }
-COLUMNS = ("accuracy@20", "mrr@10", "ndcg@10")
+COLUMNS = ("mrr@10", "ndcg@10")
+TOP20 = ("accuracy@20", "recall@20")
+"""The top-20 column: answer accuracy where questions have answers (DPR's metric), else recall of judged passages."""
 
 
 def ragkit(*args: str, log: Path) -> float:
@@ -80,9 +83,9 @@ def train_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)])
 
 
-def dev_row(values: dict | None) -> str:
+def dev_row(values: dict | None, columns: tuple[str, ...]) -> str:
     values = values or {}
-    return "".join(f"{values[c]:>13.3f}" if c in values else f"{'-':>13}" for c in COLUMNS)
+    return "".join(f"{values[c]:>13.3f}" if c in values else f"{'-':>13}" for c in columns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = {s for _, _, s in results.values()}
         print(f"\nmine artifact: {mine}   steps: {', '.join(map(str, sorted(steps)))}   batch {args.batch_size}, "
               f"{args.hard_negatives} hard negative(s), chunk {args.chunk_size or 'off'}, {args.precision}, seed {args.seed}")
-        print(f"{'variant':<12}" + "".join(f"{c:>13}" for c in COLUMNS) + f"{'seconds':>10}{'x dpr':>8}")
-        print(f"{'bm25':<12}" + dev_row(reference.get("bm25_dev")))
+        top20 = next((c for c in TOP20 if any(c in (dev or {}) for dev, _, _ in results.values())), TOP20[0])
+        columns = (top20, *COLUMNS)
+        print(f"{'variant':<12}" + "".join(f"{c:>13}" for c in columns) + f"{'seconds':>10}{'x dpr':>8}")
+        print(f"{'bm25':<12}" + dev_row(reference.get("bm25_dev"), columns))
         base = results.get("dpr", (None, None, None))[1]
         for name, (dev, seconds, _) in results.items():
             ratio = f"{seconds / base:>8.2f}" if base else f"{'-':>8}"
-            print(f"{name:<12}" + dev_row(dev) + f"{seconds:>10.1f}" + ratio)
+            print(f"{name:<12}" + dev_row(dev, columns) + f"{seconds:>10.1f}" + ratio)
         if args.work is None:
             print(f"(artifacts removed with {work}; pass --work DIR to keep them)")
     return 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from ragkit.retriever import gradcache
 from ragkit.retriever.encoder import BiEncoder
 from ragkit.retriever.gradcache import GradCache, full_batch_step, split_inputs
 from ragkit.retriever.losses import ContrastiveLoss
@@ -221,6 +222,33 @@ def test_bf16_autocast_is_close_to_fp32(batch):
     assert torch.isfinite(flat_bf16).all()
     assert torch.nn.functional.cosine_similarity(flat_bf16, flat_fp32, dim=0) > 0.98
     assert (flat_bf16 - flat_fp32).norm() < 0.2 * flat_fp32.norm()
+
+
+@pytest.mark.parametrize("keep_last_graph", [True, False])
+def test_one_autocast_region_per_step_changes_no_gradient(batch, monkeypatch, keep_last_graph):
+    """Weight casts made once per step and shared by every chunk give bit-identical bf16 gradients to
+    casts made afresh for every chunk (the losses and backwards stay in float32 either way)."""
+    query, passage = batch
+    loss_fn = ContrastiveLoss(temperature=0.05)
+    assert gradcache.autocast_cache_survives_no_grad()  # the torch this project pins has the fix
+    shared_region = tiny_encoder(shared=True)
+    per_chunk = copy.deepcopy(shared_region)
+    torch.manual_seed(5)
+    loss = GradCache(shared_region, loss_fn, 4, 5, torch.bfloat16, keep_last_graph=keep_last_graph)(query, passage)
+    monkeypatch.setattr(gradcache, "autocast_cache_survives_no_grad", lambda: False)
+    torch.manual_seed(5)
+    reference = GradCache(per_chunk, loss_fn, 4, 5, torch.bfloat16, keep_last_graph=keep_last_graph)(query, passage)
+    assert torch.equal(loss, reference)
+    grads, expected = gradients(shared_region), gradients(per_chunk)
+    for name in expected:
+        assert torch.equal(grads[name], expected[name]), name
+
+
+def test_the_autocast_probe_draws_no_random_numbers():
+    gradcache.autocast_cache_survives_no_grad.cache_clear()
+    state = torch.get_rng_state()
+    gradcache.autocast_cache_survives_no_grad()
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_a_tower_the_loss_ignores_gets_zero_gradients(batch):

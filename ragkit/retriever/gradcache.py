@@ -23,7 +23,14 @@ the cached step does exactly the work of the plain step. Not under DDP, whose on
 must come last (``keep_last_graph`` is then off).
 
 Mixed precision: the model runs under ``torch.autocast(autocast_dtype)`` in both forwards; the loss and the
-surrogate are computed in float32 on ``representation.float()``. With an fp16 ``GradScaler`` the loss is
+surrogate are computed in float32 on ``representation.float()``. The whole step is one autocast region
+(``step_region``), so the low-precision copies of the weights autocast makes are cast once per step and
+reused by every chunk's forwards instead of once per chunk and pass (with chunks of 16 at batch 512 that
+is 128 casts of every weight matrix). This needs a PyTorch whose autocast cache keeps the gradient history
+of a cast first made under ``no_grad`` (pytorch#112583, fixed in late 2025); on older versions, detected
+once by a probe, and under DDP (whose last backward joins two chunks, whose gradients would meet in the
+shared low-precision cast), each chunk gets its own region. Losses and backwards run with autocast off,
+since the CPU autograd engine applies the caller's autocast state to backward ops. With an fp16 ``GradScaler`` the loss is
 scaled before its backward, so the cache holds ``scale * d loss / d representation`` and the surrogate
 carries that scale into the weight gradients, exactly as ``scaler.scale(loss).backward()`` does in the plain
 step; the caller then unscales, steps and updates the scaler as usual (an overflow shows up as inf/nan in the
@@ -42,6 +49,7 @@ runs both towers before one backward, has the same constraint.
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
@@ -82,6 +90,20 @@ def _autocast(batch: Batch, dtype: torch.dtype | None):
         return nullcontext()
     device_type = next(iter(batch.values())).device.type
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def autocast_cache_survives_no_grad() -> bool:
+    """Whether a weight cast that autocast cached under ``no_grad`` still leads back to the weight when it
+    is reused with gradients on (probed once on a 2x2 weight, drawing nothing from the random generators;
+    see the module docstring)."""
+    weight = torch.ones(2, 2, requires_grad=True)
+    x = torch.ones(1, 2)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            torch.nn.functional.linear(x, weight)
+        out = torch.nn.functional.linear(x, weight)
+    return out.grad_fn is not None
 
 
 def _encode(model: nn.Module, batch: Batch, tower: Tower, autocast_dtype: torch.dtype | None) -> Tensor:
@@ -148,7 +170,8 @@ class GradCache:
         self.passage_chunk_size = passage_chunk_size
         self.autocast_dtype = autocast_dtype
         self.scaler = scaler
-        self.keep_last_graph = keep_last_graph and not isinstance(model, nn.parallel.DistributedDataParallel)
+        self.ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.keep_last_graph = keep_last_graph and not self.ddp
 
     def __call__(self, query: Batch, passage: Batch, **loss_kwargs) -> Tensor:
         """Run the cached step on a query batch (B rows) and its grouped passages (B * G rows).
@@ -158,12 +181,20 @@ class GradCache:
         """
         query_chunks = split_inputs(query, self.query_chunk_size)
         passage_chunks = split_inputs(passage, self.passage_chunk_size)
-        query_reps, query_first = self.forward_first(query_chunks, "query")  # (B, D)
-        passage_reps, passage_first = self.forward_first(passage_chunks, "passage")  # (B * G, D)
-        loss, query_cache, passage_cache = self.build_cache(query_reps, passage_reps, **loss_kwargs)
-        self.forward_backward(self.chunks(query_chunks, "query", query_first, query_cache),
-                              self.chunks(passage_chunks, "passage", passage_first, passage_cache))
+        with self.step_region(query):
+            query_reps, query_first = self.forward_first(query_chunks, "query")  # (B, D)
+            passage_reps, passage_first = self.forward_first(passage_chunks, "passage")  # (B * G, D)
+            loss, query_cache, passage_cache = self.build_cache(query_reps, passage_reps, **loss_kwargs)
+            self.forward_backward(self.chunks(query_chunks, "query", query_first, query_cache),
+                                  self.chunks(passage_chunks, "passage", passage_first, passage_cache))
         return loss
+
+    def step_region(self, batch: Batch):
+        """One autocast region around a whole step, so weight casts are made once (see module docstring);
+        a no-op in full precision, under DDP, or where the probe says the autocast cache is unsafe."""
+        if self.autocast_dtype is None or self.ddp or not autocast_cache_survives_no_grad():
+            return nullcontext()
+        return _autocast(batch, self.autocast_dtype)
 
     def forward_first(self, chunks: list[Batch], tower: Tower) -> tuple[Tensor, list[RngState | Tensor]]:
         """Encode every chunk; return the concatenated float32 representations (detached) and, per chunk,
@@ -191,8 +222,11 @@ class GradCache:
         """Loss on the whole batch of representations and its gradient with respect to each of them."""
         query_leaf = query_reps.detach().requires_grad_()  # (B, D)
         passage_leaf = passage_reps.detach().requires_grad_()  # (B * G, D)
-        loss = self.loss_fn(query_leaf, passage_leaf, **loss_kwargs)
-        _backward(loss, self.scaler)
+        # In float32 inside a step region too: the CPU autograd engine runs backward ops under the caller's
+        # autocast state, which would round the loss's backward matmuls to the autocast dtype.
+        with torch.autocast(device_type=query_leaf.device.type, enabled=False):
+            loss = self.loss_fn(query_leaf, passage_leaf, **loss_kwargs)
+            _backward(loss, self.scaler)
         # A representation the loss ignores still gets a (zero) surrogate, so its tower's weights join the
         # synchronised backward under DDP.
         query_cache = query_leaf.grad if query_leaf.grad is not None else torch.zeros_like(query_leaf)
@@ -200,24 +234,23 @@ class GradCache:
         return loss.detach(), query_cache, passage_cache
 
     def forward_backward(self, query_chunks: list[Chunk], passage_chunks: list[Chunk]) -> None:
-        """Re-encode every chunk with the graph under its saved random state and backward its surrogate.
+        """Backward every chunk's surrogate, from the graph its first pass kept or re-encoded under its saved
+        random state.
 
-        Chunks whose graph the first pass kept go first, in one backward, which frees their activations.
-        Of the others, all but the last chunk of each tower accumulate gradients locally; the two last
-        chunks share the one synchronised backward (see module docstring).
+        In one process every chunk backwards alone, kept ones first (which frees their activations), so no
+        two chunks' gradients ever meet in an autocast-dtype cast of a shared weight. Under DDP all but the
+        last chunk of each tower accumulate gradients locally; the two last chunks share the one
+        synchronised backward (see module docstring).
         """
-        kept = [chunk for chunk in query_chunks + passage_chunks if chunk.graph is not None]
-        if kept:
-            self._surrogate_backward(kept)
-        query_chunks = [chunk for chunk in query_chunks if chunk.graph is None]
-        passage_chunks = [chunk for chunk in passage_chunks if chunk.graph is None]
-        if not query_chunks and not passage_chunks:
+        if not self.ddp:
+            ordered = sorted(query_chunks + passage_chunks, key=lambda chunk: chunk.graph is None)
+            for chunk in ordered:
+                self._surrogate_backward([chunk])
             return
-        no_sync = self.model.no_sync if isinstance(self.model, nn.parallel.DistributedDataParallel) else nullcontext
-        with no_sync():
+        with self.model.no_sync():
             for chunk in query_chunks[:-1] + passage_chunks[:-1]:
                 self._surrogate_backward([chunk])
-        self._surrogate_backward(query_chunks[-1:] + passage_chunks[-1:])
+        self._surrogate_backward([query_chunks[-1], passage_chunks[-1]])
 
     def _surrogate_backward(self, chunks: list[Chunk]) -> None:
         surrogate = 0.0
@@ -230,7 +263,8 @@ class GradCache:
             # d surrogate / d reps == cached gradient, so backprop from here hands the weights this chunk's
             # share of d loss / d weights; in fp32 so the cached gradient is not rounded to the autocast dtype.
             surrogate = surrogate + (reps.float() * chunk.cached_grad).sum()
-        surrogate.backward()
+        with torch.autocast(device_type=chunk.cached_grad.device.type, enabled=False):  # as outside a step region
+            surrogate.backward()
 
 
 def full_batch_step(

@@ -316,17 +316,19 @@ class NegativeCacheStep:
 
     def _cached_step(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
         grad_cache = self.grad_cache
-        query_chunks = split_inputs(query_inputs, grad_cache.query_chunk_size)
-        query, query_first = grad_cache.forward_first(query_chunks, "query")  # (b, D)
-        draw = self.draw(batch, query)
-        rows = append_rows(passage_inputs, {k: v.to(self.device) for k, v in draw.inputs().items()})
-        passage_chunks = split_inputs(rows, grad_cache.passage_chunk_size)
-        passage, passage_first = grad_cache.forward_first(passage_chunks, "passage")  # (b * G + b * S, D)
-        batch_rows = passage_inputs["input_ids"].size(0)
-        loss, query_grad, passage_grad = grad_cache.build_cache(query, passage, cache_lse=draw.lse, valid=draw.valid,
-                                                                batch_rows=batch_rows)
-        grad_cache.forward_backward(grad_cache.chunks(query_chunks, "query", query_first, query_grad),
-                                    grad_cache.chunks(passage_chunks, "passage", passage_first, passage_grad))
+        with grad_cache.step_region(query_inputs):
+            query_chunks = split_inputs(query_inputs, grad_cache.query_chunk_size)
+            query, query_first = grad_cache.forward_first(query_chunks, "query")  # (b, D)
+            with torch.autocast(device_type=query.device.type, enabled=False):  # sampling in float32
+                draw = self.draw(batch, query)
+            rows = append_rows(passage_inputs, {k: v.to(self.device) for k, v in draw.inputs().items()})
+            passage_chunks = split_inputs(rows, grad_cache.passage_chunk_size)
+            passage, passage_first = grad_cache.forward_first(passage_chunks, "passage")  # (b * G + b * S, D)
+            batch_rows = passage_inputs["input_ids"].size(0)
+            loss, query_grad, passage_grad = grad_cache.build_cache(query, passage, cache_lse=draw.lse, valid=draw.valid,
+                                                                    batch_rows=batch_rows)
+            grad_cache.forward_backward(grad_cache.chunks(query_chunks, "query", query_first, query_grad),
+                                        grad_cache.chunks(passage_chunks, "passage", passage_first, passage_grad))
         # The replayed forwards drew the same dropout masks, so these are the embeddings the loss saw.
         self._update_cache(batch, draw, passage_inputs, passage[:batch_rows], passage[batch_rows:])
         return loss
