@@ -21,6 +21,11 @@ step (<= 1.0).
     python benchmarks/bench_gradcache.py                  # full scale: batches 16 .. 512, 1 warmup + 3 timed steps
     python benchmarks/bench_gradcache.py --bf16           # the same under bfloat16 autocast
     python benchmarks/bench_gradcache.py --scale small    # batches 16 and 32, one step: a smoke run
+    python benchmarks/bench_gradcache.py --bf16 --ab 512 --rounds 4   # cached vs CMNRL, interleaved
+
+``--ab BATCH`` times the cached step and CMNRL in one process, alternating (ABBA order) for ``--rounds``
+rounds after one warmup step each, so that both see the same machine load; it prints every step time and
+the ratio of the medians. On a shared machine this is the fairer time comparison of the two.
 """
 
 from __future__ import annotations
@@ -112,6 +117,62 @@ def run_worker(mode: str, batch: int, args) -> dict:
     }
 
 
+def run_ab(batch: int, args) -> None:
+    """Cached step and CMNRL on the same weights and tokens, alternated in this process (ABBA)."""
+    import statistics
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+    from transformers.utils import logging as hf_logging
+
+    from ragkit.retriever.encoder import BiEncoder, load_tokenizer, resolve_model_path
+    from ragkit.retriever.gradcache import GradCache
+    from ragkit.retriever.losses import ContrastiveLoss
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    path = resolve_model_path("minilm")
+    tokenizer = load_tokenizer(path)
+    generator = torch.Generator().manual_seed(0)
+    query = token_batch(tokenizer, batch, QUERY_LENGTH, generator)
+    passage = token_batch(tokenizer, batch, PASSAGE_LENGTH, generator)
+    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    model = BiEncoder.from_pretrained(path).train()
+    cached = GradCache(model, ContrastiveLoss(temperature=TEMPERATURE, similarity="cos"), args.chunk, args.chunk,
+                       autocast_dtype=autocast_dtype)
+    st_model = SentenceTransformer(path, device="cpu").train()
+    st_loss = CachedMultipleNegativesRankingLoss(st_model, scale=1 / TEMPERATURE, mini_batch_size=args.chunk)
+    features = [{**query, "token_type_ids": torch.zeros_like(query["input_ids"])},
+                {**passage, "token_type_ids": torch.zeros_like(passage["input_ids"])}]
+
+    def ours() -> None:
+        cached(query, passage)
+        model.zero_grad(set_to_none=True)
+
+    def theirs() -> None:
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            st_loss(features, None).backward()
+        st_model.zero_grad(set_to_none=True)
+
+    steps = {"cached": ours, "st": theirs}
+    for step in steps.values():
+        step()  # warmup
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(args.rounds):
+        order = ["cached", "st"] if round_ % 2 == 0 else ["st", "cached"]
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            seconds[name].append(time.perf_counter() - start)
+    print(f"all-MiniLM-L6-v2, q{QUERY_LENGTH}/p{PASSAGE_LENGTH}, batch {batch}, chunk {args.chunk}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.threads} threads, {args.rounds} interleaved rounds")
+    for name, values in seconds.items():
+        print(f"  {name:6s} s/step: {' '.join(f'{v:.2f}' for v in values)}   median {statistics.median(values):.2f}")
+    ratio = statistics.median(seconds["cached"]) / statistics.median(seconds["st"])
+    print(f"time per step, cached / sentence-transformers CMNRL at batch {batch}, interleaved: {ratio:.2f} (target <= 1.0)")
+
+
 def run_in_subprocess(mode: str, batch: int, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", mode, str(batch), "--chunk", str(args.chunk),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -155,6 +216,8 @@ def main() -> None:
     parser.add_argument("--max-rss-gb", type=float,
                         default=0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
                         help="skip plain batches predicted to need more (default: 80%% of RAM)")
+    parser.add_argument("--ab", type=int, metavar="BATCH", help="only: cached vs CMNRL at BATCH, interleaved in one process")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --ab")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     preset = SCALES[args.scale]
@@ -163,6 +226,9 @@ def main() -> None:
 
     if args.worker:
         print(json.dumps(run_worker(args.worker[0], int(args.worker[1]), args)))
+        return
+    if args.ab:
+        run_ab(args.ab, args)
         return
 
     batches = args.batches or preset["batches"]
