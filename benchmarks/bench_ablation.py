@@ -13,8 +13,8 @@ With ``--chunk-size`` every variant runs through the gradient cache (same gradie
 negative cache included. The table shows each artifact's dev scores as the trainer recorded them
 (``metrics.dev`` of its manifest: the kept model, exact search) and the wall-clock seconds of the whole
 ``ragkit train retriever`` call (model load, training, one final evaluation), next to BM25 on the same
-dev questions (``metrics.bm25_dev``). The top-20 column is accuracy@20 (an answer in the top 20, DPR's metric) when
-the questions have answers, else recall@20 of the judged passages (BEIR data such as SciFact).
+dev questions (``metrics.bm25_dev``). The top-20 column is accuracy@20 (an answer in the top 20, DPR's
+metric) when the questions have answers, else recall@20 of the judged passages (BEIR data such as SciFact).
 
 Data: by default the demo corpus (``data/demo/generate.py``), generated, ingested and mined into a
 temporary directory at ``--scale``; ``--mine DIR`` uses an existing mine artifact instead, e.g. SciFact's

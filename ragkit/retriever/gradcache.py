@@ -5,7 +5,8 @@ activations of the whole batch alive until the backward. The gradient cache (Gao
 Deep Contrastive Learning Batch Size under Memory Limited Setup", arXiv:2101.06983) splits the step in two:
 
 1. ``split_inputs``: cut the query and passage batches into chunks;
-2. ``forward_first``: encode every chunk without a graph, saving the random state before each chunk;
+2. ``forward_first``: encode every chunk without a graph, saving the random state before each chunk
+   (the last chunk of each tower keeps its graph instead, see below);
 3. ``build_cache``: compute the loss on the concatenated representations, made leaf tensors, and
    backward it only as far as the representations: ``d loss / d representation`` is the cache;
 4. ``forward_backward``: for each chunk, replay its random state (same dropout masks), encode it again
@@ -30,11 +31,13 @@ is 128 casts of every weight matrix). This needs a PyTorch whose autocast cache 
 of a cast first made under ``no_grad`` (pytorch#112583, fixed in late 2025); on older versions, detected
 once by a probe, and under DDP (whose last backward joins two chunks, whose gradients would meet in the
 shared low-precision cast), each chunk gets its own region. Losses and backwards run with autocast off,
-since the CPU autograd engine applies the caller's autocast state to backward ops. With an fp16 ``GradScaler`` the loss is
-scaled before its backward, so the cache holds ``scale * d loss / d representation`` and the surrogate
-carries that scale into the weight gradients, exactly as ``scaler.scale(loss).backward()`` does in the plain
-step; the caller then unscales, steps and updates the scaler as usual (an overflow shows up as inf/nan in the
-weight gradients and the scaler skips the step).
+since the CPU autograd engine applies the caller's autocast state to backward ops.
+
+With an fp16 ``GradScaler`` the loss is scaled before its backward, so the cache holds
+``scale * d loss / d representation`` and the surrogate carries that scale into the weight gradients,
+exactly as ``scaler.scale(loss).backward()`` does in the plain step; the caller then unscales, steps and
+updates the scaler as usual (an overflow shows up as inf/nan in the weight gradients and the scaler
+skips the step).
 
 Under ``DistributedDataParallel`` the loss function gathers the representations of every rank itself
 (``ragkit.retriever.distributed.global_loss``), so the cache already holds gradients of the global loss.
