@@ -57,14 +57,12 @@ def token_batch(tokenizer, rows: int, length: int, generator):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def run_worker(mode: str, batch: int, args) -> dict:
-    """One configuration in this process: returns seconds per step, peak RSS and the first step's loss."""
+def setup(batch: int, args):
+    """Threads, the packaged MiniLM's path, a seeded query and passage batch, and the autocast dtype."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ragkit.retriever.encoder import BiEncoder, load_tokenizer, resolve_model_path
-    from ragkit.retriever.gradcache import GradCache, full_batch_step
-    from ragkit.retriever.losses import ContrastiveLoss
+    from ragkit.retriever.encoder import load_tokenizer, resolve_model_path
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -73,7 +71,18 @@ def run_worker(mode: str, batch: int, args) -> dict:
     generator = torch.Generator().manual_seed(0)
     query = token_batch(tokenizer, batch, QUERY_LENGTH, generator)
     passage = token_batch(tokenizer, batch, PASSAGE_LENGTH, generator)
-    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    return path, query, passage, torch.bfloat16 if args.bf16 else None
+
+
+def run_worker(mode: str, batch: int, args) -> dict:
+    """One configuration in this process: returns seconds per step, peak RSS and the first step's loss."""
+    import torch
+
+    from ragkit.retriever.encoder import BiEncoder
+    from ragkit.retriever.gradcache import GradCache, full_batch_step
+    from ragkit.retriever.losses import ContrastiveLoss
+
+    path, query, passage, autocast_dtype = setup(batch, args)
 
     if mode == "st":
         from sentence_transformers import SentenceTransformer
@@ -124,20 +133,12 @@ def run_ab(batch: int, args) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
-    from transformers.utils import logging as hf_logging
 
-    from ragkit.retriever.encoder import BiEncoder, load_tokenizer, resolve_model_path
+    from ragkit.retriever.encoder import BiEncoder
     from ragkit.retriever.gradcache import GradCache
     from ragkit.retriever.losses import ContrastiveLoss
 
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    path = resolve_model_path("minilm")
-    tokenizer = load_tokenizer(path)
-    generator = torch.Generator().manual_seed(0)
-    query = token_batch(tokenizer, batch, QUERY_LENGTH, generator)
-    passage = token_batch(tokenizer, batch, PASSAGE_LENGTH, generator)
-    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    path, query, passage, autocast_dtype = setup(batch, args)
     model = BiEncoder.from_pretrained(path).train()
     cached = GradCache(model, ContrastiveLoss(temperature=TEMPERATURE, similarity="cos"), args.chunk, args.chunk,
                        autocast_dtype=autocast_dtype)
