@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..artifacts import Manifest, artifact_input, hash_file, read_upstream, staged_output
 from ..config import TrainRetrieverConfig, as_dict
 from ..errors import RagkitError
-from ..evaluation import DEFAULT_KS, PassageLookup, retrieval_metrics
+from ..evaluation import DEFAULT_KS, PassageLookup, default_metric, metric_names, retrieval_metrics
 from .data import Batch, BatchCollator, ResumableBatchSampler, RetrievalExamples
 from .distributed import (DistInfo, barrier, cleanup_distributed, gather_no_grad, gather_with_grad, global_loss,
                           init_distributed, is_distributed)
@@ -440,19 +440,11 @@ class DevEvaluation:
     @property
     def default_metric(self) -> str:
         """Top-20 accuracy when questions have answers, else nDCG@10 on judged documents, else recall@20."""
-        names = self.metric_names()
-        return next((name for name in ("accuracy@20", "ndcg@10", "recall@20") if name in names), "accuracy@20")
+        return default_metric(self.metric_names())
 
     def metric_names(self) -> list[str]:
         """The metrics these questions can be scored by (answers, gold passages, judged documents)."""
-        names = []
-        if any(q["answers"] for q in self.questions):
-            names += [f"accuracy@{k}" for k in DEFAULT_KS]
-        if any(q["positive_ids"] for q in self.questions):
-            names += [f"recall@{k}" for k in DEFAULT_KS] + ["mrr@10"]
-        if any(grade > 0 for q in self.questions for grade in q["doc_scores"]):
-            names += ["ndcg@10", "doc_recall@100"]
-        return names
+        return metric_names(self.questions, DEFAULT_KS)
 
     @torch.inference_mode()
     def evaluate(self, model: BiEncoder, tokenizer: Any, device: torch.device, autocast_dtype: torch.dtype | None,
