@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pathlib import Path
 from typing import Any
 
 
@@ -35,9 +36,19 @@ def mine(ingest: str, out: str, **options: Any):
     return run(MineConfig(ingest=str(ingest), out=str(out), **options))
 
 
-def evaluate(artifact: str, out: str, **options: Any):
-    """Score the runs of a mine / index artifact (see :class:`ragkit.config.EvaluateConfig`)."""
+def evaluate(artifact: str | list[str], out: str, **options: Any):
+    """Score the runs of an artifact (mine, index, hybrid), or of several side by side: pass a list of
+    artifacts or ``name=path`` entries (see :class:`ragkit.config.EvaluateConfig`)."""
     from .config import EvaluateConfig
     from .evaluation import run
 
-    return run(EvaluateConfig(artifact=str(artifact), out=str(out), **options))
+    runs = [artifact] if isinstance(artifact, (str, Path)) else list(artifact)
+    return run(EvaluateConfig(runs=[str(r) for r in runs], out=str(out), **options))
+
+
+def hybrid(dense: str, bm25: str, out: str, **options: Any):
+    """Fuse the runs of two artifacts, dense and BM25 (see :class:`ragkit.config.HybridConfig`)."""
+    from .config import HybridConfig
+    from .indexing.hybrid import run
+
+    return run(HybridConfig(dense=str(dense), bm25=str(bm25), out=str(out), **options))

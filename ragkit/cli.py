@@ -212,27 +212,67 @@ def mine(
 @app.command()
 @stage_command
 def evaluate(
-    artifact: Path = typer.Argument(..., help="An artifact holding runs/ (from `ragkit mine` or `ragkit index`)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for metrics.json."),
-    ingest: Optional[Path] = typer.Option(None, help="Ingest artifact with the questions (default: the artifact's own)."),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to score (repeatable; default: every run)."),
+    runs: list[str] = typer.Argument(..., help="Artifacts holding runs/ (mine, index, hybrid), or NAME=path (artifact or .trec file)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for metrics.json, per_question/, topk.png."),
+    ingest: Optional[Path] = typer.Option(None, help="Ingest artifact with the questions (default: the artifacts' own)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to score (repeatable; default: every split all runs have)."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="Cut-off for top-k accuracy and recall (repeatable)."),
     match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex"),
     config: Optional[Path] = ConfigOpt,
     overwrite: Optional[bool] = OverwriteOpt,
 ) -> None:
-    """Score an artifact's runs: top-k accuracy, recall, MRR@10, nDCG@10."""
+    """Score runs side by side: top-k accuracy, recall, MRR@10, nDCG@10; per-question results and a top-k plot."""
     from .config import EvaluateConfig, load_config
-    from .evaluation import format_table, run
+    from .evaluation import format_comparison, format_table, run
 
     cfg = load_config(
-        EvaluateConfig, config, "evaluate", artifact=str(artifact), out=str(out) if out else None,
+        EvaluateConfig, config, "evaluate", runs=list(runs), out=str(out) if out else None,
         ingest=str(ingest) if ingest else None, splits=split or None, ks=k or None, match_type=match_type,
         overwrite=overwrite,
     )
     manifest = run(cfg)
-    typer.echo(format_table(manifest.metrics))
-    typer.echo(f"wrote {manifest.path / 'metrics.json'}")
+    typer.echo(format_table(manifest.metrics) if len(cfg.runs) == 1 else format_comparison(manifest.metrics))
+    typer.echo(f"wrote {manifest.path / 'metrics.json'}, {manifest.files['plot']} and per_question/")
+
+
+@app.command()
+@stage_command
+def hybrid(
+    dense: Path = typer.Argument(..., help="Artifact with the dense runs (output of `ragkit index`; any artifact holding runs)."),
+    bm25: Path = typer.Argument(..., help="Artifact with the BM25 runs (output of `ragkit mine`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    method: Optional[str] = typer.Option(None, help="linear (dense + alpha * bm25) | rrf (reciprocal rank fusion)."),
+    alpha: Optional[str] = typer.Option(None, help="linear: the BM25 weight, or 'tuned' (default) to pick it on --tune-split."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: min-max centre each run's scores first."),
+    rrf_k: Optional[float] = typer.Option(None, help="rrf: the k of 1 / (k + rank)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to fuse (repeatable; default: all but the tune split)."),
+    depth: Optional[int] = typer.Option(None, help="Results kept from each run and in the fused run."),
+    tune_split: Optional[str] = typer.Option(None, help="Split alpha is tuned on, never reported (default: validation, else train)."),
+    tune_metric: Optional[str] = typer.Option(None, help="Metric alpha maximises (auto, accuracy@20, ndcg@10, ...)."),
+    tune_max_questions: Optional[int] = typer.Option(None, help="Tune on a seeded sample of at most this many questions."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the tuning sample."),
+    match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex, for top-k accuracy when tuning."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Fuse dense and BM25 runs (linear with a tuned alpha, or RRF) into hybrid runs."""
+    from .config import HybridConfig, load_config
+    from .indexing.hybrid import run
+
+    cfg = load_config(
+        HybridConfig, config, "hybrid", dense=str(dense), bm25=str(bm25), out=str(out) if out else None, method=method,
+        alpha=alpha, normalize=normalize, rrf_k=rrf_k, splits=split or None, depth=depth, tune_split=tune_split,
+        tune_metric=tune_metric, tune_max_questions=tune_max_questions, seed=seed, match_type=match_type,
+        overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    typer.echo(f"wrote {manifest.path} (hybrid: {', '.join(f'{s}={n}' for s, n in manifest.counts['questions'].items())} questions)")
+    tuning = manifest.metrics.get("tuning")
+    if tuning:
+        typer.echo(f"alpha = {tuning['alpha']:g}, tuned on {tuning['split']} ({tuning['questions']} of {tuning['of_questions']} "
+                   f"questions): {tuning['metric']} = {tuning['value']:.4f}")
+    elif manifest.metrics.get("alpha") is not None:
+        typer.echo(f"alpha = {manifest.metrics['alpha']:g} (given)")
 
 
 if __name__ == "__main__":  # pragma: no cover

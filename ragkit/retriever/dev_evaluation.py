@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..evaluation import DEFAULT_KS, PassageLookup, retrieval_metrics
+from ..evaluation import DEFAULT_KS, PassageLookup, default_metric, metric_names, retrieval_metrics
 from .encoder import BiEncoder, autocast, tokenize_passages, tokenize_queries
 
 EVAL_DEPTH = 100
@@ -79,19 +79,11 @@ class DevEvaluation:
     @property
     def default_metric(self) -> str:
         """Top-20 accuracy when questions have answers, else nDCG@10 on judged documents, else recall@20."""
-        names = self.metric_names()
-        return next((name for name in ("accuracy@20", "ndcg@10", "recall@20") if name in names), "accuracy@20")
+        return default_metric(self.metric_names())
 
     def metric_names(self) -> list[str]:
         """The metrics these questions can be scored by (answers, gold passages, judged documents)."""
-        names = []
-        if any(q["answers"] for q in self.questions):
-            names += [f"accuracy@{k}" for k in DEFAULT_KS]
-        if any(q["positive_ids"] for q in self.questions):
-            names += [f"recall@{k}" for k in DEFAULT_KS] + ["mrr@10"]
-        if any(grade > 0 for q in self.questions for grade in q["doc_scores"]):
-            names += ["ndcg@10", "doc_recall@100"]
-        return names
+        return metric_names(self.questions, DEFAULT_KS)
 
     @torch.inference_mode()
     def evaluate(self, model: BiEncoder, tokenizer: Any, device: torch.device, autocast_dtype: torch.dtype | None,

@@ -1,0 +1,1 @@
+"""Dense retrieval over passage indexes, and hybrid retrieval that fuses runs."""
