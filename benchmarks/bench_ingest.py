@@ -67,7 +67,7 @@ def child(corpus: str, questions: str, out: str, window: int) -> None:
     """Runs in a fresh process: ingest, then print the timing and this process's peak RSS as JSON."""
     from ragkit import ingest
 
-    importlib.import_module("ragkit.corpus")  # imports are not ingest time; their RSS is reported apart
+    importlib.import_module("ragkit.ingestion")  # imports are not ingest time; their RSS is reported apart
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any
 def ingest(inputs: list[str], out: str, **options: Any):
     """Read corpora / QA sets and write passages + questions (see :class:`ragkit.config.IngestConfig`)."""
     from .config import IngestConfig
-    from .corpus import run
+    from .ingestion import run
 
     return run(IngestConfig(inputs=list(inputs), out=out, **options))
 

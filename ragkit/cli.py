@@ -91,7 +91,7 @@ def ingest(
 ) -> None:
     """Read corpora and QA sets (DPR, BEIR, SQuAD, jsonl) into passages + questions."""
     from .config import IngestConfig, load_config
-    from .corpus import run
+    from .ingestion import run
 
     cfg = load_config(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,

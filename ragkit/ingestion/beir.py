@@ -1,0 +1,84 @@
+"""BEIR: a directory with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``; the questions of a
+split are the queries its qrels judge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import RagkitError, located
+from .files import jsonl_records, read_lines
+from .sources import Document, Fields, Question, Source, optional_text, required_id, required_text
+
+
+class Beir(Source):
+    role = "passages"
+    holds_passages = True
+
+    def __init__(self, path: Path, split: str | None, fields: Fields) -> None:
+        super().__init__(path, split, fields)
+        self.corpus = path / "corpus.jsonl"
+        self.queries = path / "queries.jsonl"
+        self.qrels = sorted((path / "qrels").glob("*.tsv"))
+        if split is not None:
+            wanted = path / "qrels" / f"{split}.tsv"
+            if not wanted.is_file():
+                known = ", ".join(q.stem for q in self.qrels) or "none"
+                raise located(path, None, f"no qrels/{split}.tsv (splits here: {known}); fix the split name")
+            self.qrels = [wanted]
+        if self.qrels and not self.queries.is_file():
+            raise located(path, None, "has qrels but no queries.jsonl (add the queries file)")
+
+    def files(self) -> list[tuple[Path, str]]:
+        files = [(self.corpus, "passages")]
+        if self.qrels:
+            files.append((self.queries, "queries"))
+        return files + [(q, "qrels") for q in self.qrels]
+
+    def questions(self) -> list[Question]:
+        if not self.qrels:
+            return []
+        texts: dict[str, str] = {}
+        for line, record in jsonl_records(self.queries):
+            where = f"{self.queries}:{line}"
+            query_id = required_id(record, "_id", where, "BEIR queries are {_id, text}")
+            texts.setdefault(query_id, required_text(record, "text", where, "BEIR queries are {_id, text}"))
+        out = []
+        for qrels in self.qrels:
+            by_query: dict[str, Question] = {}
+            for line, text in read_lines(qrels):
+                row = text.rstrip("\r\n").split("\t")
+                if row == [""] or (line == 1 and row[0] == "query-id"):
+                    continue
+                where = f"{qrels}:{line}"
+                if len(row) != 3:
+                    raise RagkitError(f"{where}: {len(row)} tab-separated fields, expected query-id<TAB>corpus-id<TAB>score")
+                query_id, doc_id, grade = row
+                try:
+                    score = int(grade)
+                except ValueError:
+                    raise RagkitError(f"{where}: score {grade!r} is not an integer (qrels grades are integers)") from None
+                if query_id not in texts:
+                    raise RagkitError(f"{where}: query '{query_id}' is not in {self.queries.name} (add it or remove the line)")
+                question = by_query.get(query_id)
+                if question is None:
+                    question = by_query[query_id] = Question(query_id, texts[query_id], [], qrels.stem, where,
+                                                              judged_windows_positive=True)
+                if any(doc_id == judged for judged, _, _ in question.judged):
+                    raise RagkitError(f"{where}: query '{query_id}' judges document '{doc_id}' twice (keep one line)")
+                question.judged.append((doc_id, score, where))
+            if not by_query:
+                raise located(qrels, None, "empty input: no judgements (remove the file or fill it)")
+            out.extend(by_query.values())
+        return out
+
+    def documents(self) -> Iterator[Document]:
+        if not self.corpus.is_file():
+            raise located(self.path, None, "no corpus.jsonl (a BEIR directory needs one)")
+        fix = "BEIR corpus lines are {_id, title, text}"
+        for line, record in jsonl_records(self.corpus):
+            where = f"{self.corpus}:{line}"
+            yield Document(required_id(record, "_id", where, fix), optional_text(record, "title", where),
+                            required_text(record, "text", where, fix), self.corpus, line)
+
