@@ -86,6 +86,8 @@ def ingest(
     question_field: Optional[str] = typer.Option(None, help="jsonl: field holding the question text."),
     answers_field: Optional[str] = typer.Option(None, help="jsonl: field holding the answer list."),
     positives_field: Optional[str] = typer.Option(None, help="jsonl: field holding gold passage ids."),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict/--no-strict", help="SQuAD: refuse an answer not exactly at its answer_start (default: relocate it nearby)."),
     config: Optional[Path] = ConfigOpt,
     overwrite: Optional[bool] = OverwriteOpt,
 ) -> None:
@@ -97,7 +99,7 @@ def ingest(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,
         window=window, stride=stride, dev_fraction=dev_fraction, seed=seed, dedup=dedup, id_field=id_field,
         title_field=title_field, text_field=text_field, question_field=question_field,
-        answers_field=answers_field, positives_field=positives_field, overwrite=overwrite,
+        answers_field=answers_field, positives_field=positives_field, strict=strict, overwrite=overwrite,
     )
     report(run(cfg))
 

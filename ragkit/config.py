@@ -109,6 +109,9 @@ class IngestConfig:
     question_field: str = "question"
     answers_field: str = "answers"
     positives_field: str = "positive_ids"
+    strict: bool = False
+    """Refuse the first SQuAD answer not exactly at its answer_start (default: relocate it when it lies within
+    32 characters, and count it)."""
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -9,15 +9,15 @@ from typing import Iterator
 
 from ..errors import RagkitError, located
 from .files import jsonl_records, read_lines
-from .sources import Document, Fields, Question, Source, optional_text, required_id, required_text
+from .sources import Document, Question, ReadOptions, Source, optional_text, required_id, required_text
 
 
 class Beir(Source):
     role = "passages"
     holds_passages = True
 
-    def __init__(self, path: Path, split: str | None, fields: Fields) -> None:
-        super().__init__(path, split, fields)
+    def __init__(self, path: Path, split: str | None, options: ReadOptions) -> None:
+        super().__init__(path, split, options)
         self.corpus = path / "corpus.jsonl"
         self.queries = path / "queries.jsonl"
         self.qrels = sorted((path / "qrels").glob("*.tsv"))

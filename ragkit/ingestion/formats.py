@@ -10,7 +10,7 @@ from .beir import Beir
 from .dpr import DprJson, DprPassages, DprQas
 from .files import json_array_items, open_bytes, read_lines
 from .jsonl import Jsonl
-from .sources import Fields, Source
+from .sources import ReadOptions, Source
 from .splits import SPLIT_NAME
 from .squad import Squad
 
@@ -84,7 +84,7 @@ def detect_format(path: str | Path, format: str = "auto") -> str:
                   ".jsonl and BEIR directories; convert the file or pass the right --format)")
 
 
-def open_source(spec: str, format: str, fields: Fields) -> Source:
+def open_source(spec: str, format: str, options: ReadOptions) -> Source:
     split = None
     match = re.fullmatch(r"([^=/\\]+)=(.+)", spec)
     if match and not Path(spec).exists():
@@ -96,5 +96,5 @@ def open_source(spec: str, format: str, fields: Fields) -> Source:
     kind = detect_format(path, format)
     if split is not None and kind == "dpr-passages":
         raise located(path, None, f"holds passages, so '{split}=' names no question split (drop the '{split}=' prefix)")
-    return READERS[kind](path, split, fields)
+    return READERS[kind](path, split, options)
 

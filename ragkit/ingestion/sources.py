@@ -110,15 +110,26 @@ class Fields:
     positives: str
 
 
+@dataclasses.dataclass
+class ReadOptions:
+    """What readers take from the config."""
+
+    fields: Fields
+    strict: bool = False
+    """Refuse a SQuAD answer that is not exactly at its ``answer_start`` instead of relocating it."""
+
+
 class Source:
     """One input: the files it covers, the questions it holds, the documents it holds."""
 
     role = "questions"
     holds_passages = False
 
-    def __init__(self, path: Path, split: str | None, fields: Fields) -> None:
-        self.path, self.split, self.fields = path, split, fields
+    def __init__(self, path: Path, split: str | None, options: ReadOptions) -> None:
+        self.path, self.split, self.options, self.fields = path, split, options, options.fields
         self.unanswerable = 0
+        self.relocated = 0
+        """Answers found near, not at, their annotated offset (SQuAD)."""
 
     def files(self) -> list[tuple[Path, str]]:
         return [(self.path, self.role)]

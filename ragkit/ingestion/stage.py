@@ -12,7 +12,7 @@ from ..config import IngestConfig, as_dict
 from ..errors import RagkitError
 from .dpr import DprJson
 from .formats import open_source
-from .sources import Fields, Question, unique
+from .sources import Fields, Question, ReadOptions, unique
 from .splits import by_split, carve_dev_split
 from .windows import Windows
 from .writers import save_questions, write_passages
@@ -69,9 +69,9 @@ def run(cfg: IngestConfig) -> Manifest:
     """Read ``cfg.inputs`` and write the ingest artifact (passages + questions/<split>) to ``cfg.out``."""
     if not cfg.inputs:
         raise RagkitError("no inputs (pass corpus and question files, or a BEIR directory)")
-    fields = Fields(cfg.id_field, cfg.title_field, cfg.text_field, cfg.question_field, cfg.answers_field,
-                     cfg.positives_field)
-    sources = [open_source(spec, cfg.format, fields) for spec in cfg.inputs]
+    options = ReadOptions(Fields(cfg.id_field, cfg.title_field, cfg.text_field, cfg.question_field, cfg.answers_field,
+                                 cfg.positives_field), cfg.strict)
+    sources = [open_source(spec, cfg.format, options) for spec in cfg.inputs]
     with staged_output(cfg.out, cfg.overwrite) as tmp:
         questions = [q for source in sources for q in source.questions()]
         splits = by_split(questions)
@@ -102,6 +102,7 @@ def run(cfg: IngestConfig) -> Manifest:
                 "max_windows_per_document": counts.max_windows_per_document,
                 "duplicates_dropped": counts.duplicates_dropped,
                 "unanswerable_skipped": sum(source.unanswerable for source in sources),
+                "answers_relocated": sum(source.relocated for source in sources),
             },
             files=files,
         )
