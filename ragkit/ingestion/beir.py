@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import RagkitError, located
-from .files import jsonl_records, read_lines
+from .files import jsonl_records
+from .qrels import read_qrels
 from .sources import Document, Question, ReadOptions, Source, optional_text, required_id, required_text
 
 
@@ -47,29 +48,13 @@ class Beir(Source):
         out = []
         for qrels in self.qrels:
             by_query: dict[str, Question] = {}
-            for line, text in read_lines(qrels):
-                row = text.rstrip("\r\n").split("\t")
-                if row == [""] or (line == 1 and row[0] == "query-id"):
-                    continue
-                where = f"{qrels}:{line}"
-                if len(row) != 3:
-                    raise RagkitError(f"{where}: {len(row)} tab-separated fields, expected query-id<TAB>corpus-id<TAB>score")
-                query_id, doc_id, grade = row
-                try:
-                    score = int(grade)
-                except ValueError:
-                    raise RagkitError(f"{where}: score {grade!r} is not an integer (qrels grades are integers)") from None
+            for where, query_id, doc_id, grade in read_qrels(qrels):
                 if query_id not in texts:
                     raise RagkitError(f"{where}: query '{query_id}' is not in {self.queries.name} (add it or remove the line)")
                 question = by_query.get(query_id)
                 if question is None:
-                    question = by_query[query_id] = Question(query_id, texts[query_id], [], qrels.stem, where,
-                                                              judged_windows_positive=True)
-                if any(doc_id == judged for judged, _, _ in question.judged):
-                    raise RagkitError(f"{where}: query '{query_id}' judges document '{doc_id}' twice (keep one line)")
-                question.judged.append((doc_id, score, where))
-            if not by_query:
-                raise located(qrels, None, "empty input: no judgements (remove the file or fill it)")
+                    question = by_query[query_id] = Question(query_id, texts[query_id], [], qrels.stem, where)
+                question.judge(doc_id, grade, where)
             out.extend(by_query.values())
         return out
 

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from ..errors import RagkitError, located
 from .files import json_array_items, tsv_rows
-from .sources import Document, Question, Source, id_value, optional_text, required_text, string_list, unique
+from .sources import Document, Judgement, Question, Source, id_value, optional_text, required_text, string_list, unique
 
 _CTX_ID_FIELDS = ("passage_id", "psg_id", "id")
 _CTX_KINDS = ("positive_ctxs", "hard_negative_ctxs", "negative_ctxs")
@@ -55,7 +55,8 @@ class DprQas(Source):
             except (ValueError, SyntaxError, TypeError, RecursionError):
                 answers = None
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise located(self.path, line, f"the answers field is not a Python list of strings ({fix})")
+                raise located(self.path, line, f"the answers field is not a Python list of strings ({fix}; a "
+                              "qid<TAB>query file needs --format msmarco)")
             if not row[0].strip():
                 raise located(self.path, line, "empty question (remove the line)")
             out.append(Question(None, row[0], unique(answers), split, f"{self.path}:{line}"))
@@ -98,7 +99,7 @@ class DprJson(Source):
             hard = unique(self._ctx_id(c, "hard_negative_ctxs", where)
                            for c in self._ctxs(item, "hard_negative_ctxs", where))
             out.append(Question(id_value(item.get("id")), text, answers, split, where, gold=gold, hard_negatives=hard,
-                                 judged=[(g, 1, where) for g in gold]))
+                                 judged=[Judgement(g, 1, where) for g in gold]))
         return out
 
     def documents(self) -> Iterator[Document]:

@@ -8,7 +8,8 @@ from typing import Iterator
 
 from ..errors import located
 from .files import jsonl_records
-from .sources import Document, Question, Source, id_value, optional_text, required_id, required_text, string_list, unique
+from .sources import (Document, Judgement, Question, Source, id_value, optional_text, required_id, required_text,
+                      string_list, unique)
 
 
 class Jsonl(Source):
@@ -35,7 +36,7 @@ class Jsonl(Source):
             answers = unique(string_list(record.get(f.answers), f.answers, where))
             gold = unique(string_list(record.get(f.positives), f.positives, where, ids=True))
             out.append(Question(id_value(record.get(f.id)), text, answers, split, where, gold=gold,
-                                 judged=[(g, 1, where) for g in gold]))
+                                 judged=[Judgement(g, 1, where) for g in gold]))
         self.role = "+".join(role for role, held in (("passages", self.holds_passages), ("questions", out)) if held)
         return out
 

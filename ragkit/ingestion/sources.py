@@ -64,7 +64,19 @@ def string_list(value: Any, name: str, where: str, ids: bool = False) -> list[st
 # --- questions and documents as read ----------------------------------------------------------------
 
 
-@dataclasses.dataclass
+class Judgement(NamedTuple):
+    """A document judged for a question (qrels semantics: a grade > 0 is relevant)."""
+
+    doc_id: str
+    grade: int
+    where: str
+    """``file:line`` of the judgement, for messages."""
+    evidence: bool = False
+    """Every window of the document is a positive when the grade is > 0 (qrels, where the judgement is the
+    evidence); False where other evidence picks the windows (an answer span, a named gold passage)."""
+
+
+@dataclasses.dataclass(slots=True)
 class Question:
     """A question as read, its evidence still named by source documents rather than passage ids."""
 
@@ -79,13 +91,20 @@ class Question:
     gold: list[str] = dataclasses.field(default_factory=list)
     """Source ids of named gold passages."""
     hard_negatives: list[str] = dataclasses.field(default_factory=list)
-    judged: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
-    """``(doc_id, grade, where)`` relevance judgements."""
-    judged_windows_positive: bool = False
-    """Every window of a document graded > 0 is a positive (BEIR, where judgements are the evidence)."""
+    judged: list[Judgement] = dataclasses.field(default_factory=list)
 
     def documents(self) -> list[str]:
-        return unique([d for d, _, _ in self.judged] + [d for d, _, _ in self.spans] + self.gold)
+        return unique([j.doc_id for j in self.judged] + [d for d, _, _ in self.spans] + self.gold)
+
+    def judge(self, doc_id: str, grade: int, where: str) -> None:
+        """Add a qrels judgement. One that a named gold passage made takes the qrels grade; a repeat is an error."""
+        for i, earlier in enumerate(self.judged):
+            if earlier.doc_id == doc_id:
+                if earlier.evidence:
+                    raise RagkitError(f"{where}: query '{self.id}' judges document '{doc_id}' twice (keep one line)")
+                self.judged[i] = Judgement(doc_id, grade, where, evidence=True)
+                return
+        self.judged.append(Judgement(doc_id, grade, where, evidence=True))
 
 
 class Document(NamedTuple):
@@ -130,6 +149,8 @@ class Source:
         self.unanswerable = 0
         self.relocated = 0
         """Answers found near, not at, their annotated offset (SQuAD)."""
+        self.unmatched = 0
+        """Lines naming a question that is not among the inputs (given negatives)."""
 
     def files(self) -> list[tuple[Path, str]]:
         return [(self.path, self.role)]
@@ -142,4 +163,8 @@ class Source:
 
     def documents(self) -> Iterator[Document]:
         return iter(())
+
+    def attach(self, questions: dict[str, dict[str, Question]]) -> None:
+        """Add what this input says about questions read from other inputs (``questions[split][id]``): qrels,
+        given negatives."""
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from ..errors import RagkitError, located
 from .files import load_json
-from .sources import Document, Question, Source, id_value, required_id, required_text, unique
+from .sources import Document, Judgement, Question, Source, id_value, required_id, required_text, unique
 
 SLACK = 32
 """How many characters either side of its offset an answer's text is looked for."""
@@ -108,7 +108,7 @@ class Squad(Source):
                             spans.append((doc_id, start + lead, start + len(answer_text.rstrip())))
                     else:
                         spans.append((doc_id, *self._relocate(context, answer_text, start, at)))
-                out.append(Question(question_id, text, unique(texts), split, at, spans=spans, judged=[(doc_id, 1, at)]))
+                out.append(Question(question_id, text, unique(texts), split, at, spans=spans, judged=[Judgement(doc_id, 1, at)]))
         if empty:
             raise located(self.path, None, "empty input: no paragraphs (pass a non-empty SQuAD file)")
         if self.relocated > _LOGGED:

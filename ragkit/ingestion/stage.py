@@ -11,7 +11,7 @@ from ..artifacts import Manifest, file_input, staged_output
 from ..config import IngestConfig, as_dict
 from ..errors import RagkitError
 from .dpr import DprJson
-from .formats import open_source
+from .formats import open_qrels, open_source
 from .sources import Fields, Question, ReadOptions, unique
 from .splits import by_split, carve_dev_split
 from .windows import Windows
@@ -47,9 +47,9 @@ def _resolve(q: Question, found: dict[str, Windows]) -> dict[str, Any]:
         w = windows(doc_id, q.where)
         holding = [pid for pid, text in zip(w.ids, w.texts) if has_answer(q.answers, text)] if w.texts else []
         positives += holding or w.ids
-    for doc_id, grade, where in q.judged:
-        w = windows(doc_id, where)
-        if q.judged_windows_positive and grade > 0:
+    for judged in q.judged:
+        w = windows(judged.doc_id, judged.where)
+        if judged.evidence and judged.grade > 0:
             positives += w.ids
     positives = unique(positives)
     taken = set(positives)
@@ -60,8 +60,8 @@ def _resolve(q: Question, found: dict[str, Windows]) -> dict[str, Any]:
         "answers": q.answers,
         "positive_ids": positives,
         "hard_negative_ids": hard,
-        "doc_ids": [d for d, _, _ in q.judged],
-        "doc_scores": [g for _, g, _ in q.judged],
+        "doc_ids": [j.doc_id for j in q.judged],
+        "doc_scores": [j.grade for j in q.judged],
     }
 
 
@@ -72,9 +72,13 @@ def run(cfg: IngestConfig) -> Manifest:
     options = ReadOptions(Fields(cfg.id_field, cfg.title_field, cfg.text_field, cfg.question_field, cfg.answers_field,
                                  cfg.positives_field), cfg.strict)
     sources = [open_source(spec, cfg.format, options) for spec in cfg.inputs]
+    sources += [open_qrels(spec, options) for spec in cfg.qrels]
     with staged_output(cfg.out, cfg.overwrite) as tmp:
         questions = [q for source in sources for q in source.questions()]
         splits = by_split(questions)
+        by_id = {split: {q.id: q for q in members} for split, members in splits.items()}
+        for source in sources:
+            source.attach(by_id)
         if cfg.dev_fraction:
             carve_dev_split(splits, cfg.dev_fraction, cfg.seed, cfg.inputs)
         corpus = [s for s in sources if s.holds_passages] or [s for s in sources if isinstance(s, DprJson)]
@@ -103,6 +107,7 @@ def run(cfg: IngestConfig) -> Manifest:
                 "duplicates_dropped": counts.duplicates_dropped,
                 "unanswerable_skipped": sum(source.unanswerable for source in sources),
                 "answers_relocated": sum(source.relocated for source in sources),
+                "negatives_without_question": sum(source.unmatched for source in sources),
             },
             files=files,
         )
