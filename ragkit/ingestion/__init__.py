@@ -1,9 +1,10 @@
 """``ragkit ingest``: raw corpora and QA sets -> passages + questions (the ingest artifact).
 
-One module per job: a reader per format (:mod:`.dpr`, :mod:`.beir`, :mod:`.squad`, :mod:`.jsonl`), what
-readers produce (:mod:`.sources`), reading files (:mod:`.files`), telling formats apart (:mod:`.formats`),
-windows (:mod:`.windows`), splits (:mod:`.splits`), writing the artifact (:mod:`.writers`) and the stage
-itself (:mod:`.stage`, ``run(cfg) -> Manifest``).
+One module per job: a reader per format (:mod:`.dpr`, :mod:`.beir`, :mod:`.squad`, :mod:`.jsonl`,
+:mod:`.msmarco`, :mod:`.qrels`, and :mod:`.frames` for in-memory records), what readers produce
+(:mod:`.sources`), reading files (:mod:`.files`), telling formats apart (:mod:`.formats`), windows
+(:mod:`.windows`), splits (:mod:`.splits`), writing the artifact (:mod:`.writers`) and the stage itself
+(:mod:`.stage`, ``run(cfg) -> Manifest``).
 
 Any input file may be gzip-compressed (``psgs_w100.tsv.gz``, ``nq-train.json.gz``): a ``.gz`` suffix is
 read through ``gzip`` and the format comes from the suffix before it.
@@ -12,8 +13,8 @@ Documents are cut DPR-style into windows of ``window`` words starting every ``st
 the verbatim slice of its document from its first word to its last, and keeps the document's title in the
 ``title`` column. A document that fits one window keeps its id; a longer one gives ``{doc_id}#{k}``.
 A question's positives follow its evidence: the windows holding a whole answer span (SQuAD), every window
-of a document judged relevant (BEIR), or a named gold passage (DPR JSON, jsonl), narrowed to the windows
-that contain an answer when that passage was cut.
+of a document judged relevant (BEIR, TREC / MS MARCO qrels), or a named gold passage (DPR JSON, jsonl,
+records), narrowed to the windows that contain an answer when that passage was cut.
 
 The corpus streams through in bounded memory. Questions are read first (they are small) and name the
 few documents whose windows must be remembered; passages go shard by shard straight into the layout

@@ -62,5 +62,5 @@ class Qrels(Source):
             question = members.get(query_id)
             if question is None:
                 raise RagkitError(f"{where}: query '{query_id}' is not among the {len(members)} '{split}' questions "
-                                  f"(name the split it judges, e.g. --qrels dev={self.path.name}, or remove the line)")
+                                  f"(name the split it judges, e.g. dev={self.path.name}, or remove the line)")
             question.judge(doc_id, grade, where)

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
+from ..artifacts import file_input
 from ..errors import RagkitError
 from .splits import infer_split
 
@@ -154,6 +155,10 @@ class Source:
 
     def files(self) -> list[tuple[Path, str]]:
         return [(self.path, self.role)]
+
+    def manifest_inputs(self) -> list[dict[str, Any]]:
+        """What the manifest's ``inputs`` records of this input."""
+        return [file_input(path, role) for path, role in self.files()]
 
     def question_split(self) -> str:
         return self.split or infer_split(self.path)

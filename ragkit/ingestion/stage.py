@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..answers import has_answer
-from ..artifacts import Manifest, file_input, staged_output
+from ..artifacts import Manifest, staged_output
 from ..config import IngestConfig, as_dict
 from ..errors import RagkitError
 from .dpr import DprJson
 from .formats import open_qrels, open_source
+from .frames import Frames
 from .sources import Fields, Question, ReadOptions, unique
 from .splits import by_split, carve_dev_split
 from .windows import Windows
@@ -65,14 +66,17 @@ def _resolve(q: Question, found: dict[str, Windows]) -> dict[str, Any]:
     }
 
 
-def run(cfg: IngestConfig) -> Manifest:
-    """Read ``cfg.inputs`` and write the ingest artifact (passages + questions/<split>) to ``cfg.out``."""
-    if not cfg.inputs:
-        raise RagkitError("no inputs (pass corpus and question files, or a BEIR directory)")
+def run(cfg: IngestConfig, frames: dict[str, Any] | None = None) -> Manifest:
+    """Read ``cfg.inputs`` (and the in-memory records ``frames``, by split: see :mod:`.frames`) and write the
+    ingest artifact (passages + questions/<split>) to ``cfg.out``."""
+    if not cfg.inputs and not frames:
+        raise RagkitError("no inputs (pass corpus and question files, a BEIR or MS MARCO directory, or records)")
     options = ReadOptions(Fields(cfg.id_field, cfg.title_field, cfg.text_field, cfg.question_field, cfg.answers_field,
                                  cfg.positives_field), cfg.strict)
     sources = [open_source(spec, cfg.format, options) for spec in cfg.inputs]
     sources += [open_qrels(spec, options) for spec in cfg.qrels]
+    if frames:
+        sources.append(Frames(frames, options))
     with staged_output(cfg.out, cfg.overwrite) as tmp:
         questions = [q for source in sources for q in source.questions()]
         splits = by_split(questions)
@@ -96,7 +100,7 @@ def run(cfg: IngestConfig) -> Manifest:
         manifest = Manifest(
             stage="ingest",
             config=as_dict(cfg),
-            inputs=[file_input(path, role) for source in sources for path, role in source.files()],
+            inputs=[item for source in sources for item in source.manifest_inputs()],
             counts={
                 "documents": counts.documents,
                 "passages": counts.passages,

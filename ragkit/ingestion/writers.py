@@ -213,8 +213,8 @@ def write_passages(documents: Iterable[Document], directory: Path, wanted: dict[
             writer.write(columns)
             progress.update(len(batch))
     if writer.rows == 0:
-        raise RagkitError("no passages in the inputs (add a corpus: a DPR passage tsv, a BEIR directory, SQuAD or "
-                          "jsonl passages)")
+        raise RagkitError("no passages in the inputs (add a corpus: a DPR passage tsv, a BEIR or MS MARCO directory, "
+                          "an MS MARCO collection.tsv, SQuAD or jsonl passages)")
     writer.close()
     return found, counts
 
