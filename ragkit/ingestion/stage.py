@@ -84,7 +84,7 @@ def run(cfg: IngestConfig, frames: dict[str, Any] | None = None) -> Manifest:
         for source in sources:
             source.attach(by_id)
         if cfg.dev_fraction:
-            carve_dev_split(splits, cfg.dev_fraction, cfg.seed, cfg.inputs)
+            carve_dev_split(splits, cfg.dev_fraction, cfg.seed, cfg.inputs + (["in-memory records"] if frames else []))
         corpus = [s for s in sources if s.holds_passages] or [s for s in sources if isinstance(s, DprJson)]
         documents = itertools.chain.from_iterable(source.documents() for source in corpus)
         found, counts = write_passages(documents, tmp / "passages", _wanted_documents(questions), cfg.window,
