@@ -12,12 +12,22 @@ from pathlib import Path
 from typing import Any
 
 
-def ingest(inputs: list[str], out: str, **options: Any):
-    """Read corpora / QA sets and write passages + questions (see :class:`ragkit.config.IngestConfig`)."""
-    from .config import IngestConfig
-    from .corpus import run
+def ingest(inputs: Any = None, out: str | None = None, **options: Any):
+    """Read corpora / QA sets and write passages + questions (see :class:`ragkit.config.IngestConfig`).
 
-    return run(IngestConfig(inputs=list(inputs), out=out, **options))
+    ``inputs``: paths (``split=path`` names a question file's split), or in-memory records for the train split:
+    a pandas DataFrame or a list of dicts with simpletransformers' columns ``query_text``, ``gold_passage``,
+    ``title`` (and optionally ``hard_negative``, ``answers``). A keyword named after a split gives that split's
+    records or file: ``ragkit.ingest(train=train_df, dev=dev_df, out="work/nb")``.
+    """
+    from .config import IngestConfig
+    from .ingestion import run
+    from .ingestion.frames import sort_arguments
+
+    if out is None:
+        raise TypeError("ingest() needs out=, the artifact directory to write")
+    paths, frames, settings = sort_arguments(inputs, options)
+    return run(IngestConfig(inputs=paths, out=str(out), **settings), frames)
 
 
 def train_retriever(mine: str, out: str, **options: Any):

@@ -74,7 +74,7 @@ def report(manifest) -> None:
 def ingest(
     inputs: list[str] = typer.Argument(..., help="Files or directories; `split=path` names a question file's split."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | dpr | beir | squad | jsonl"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | dpr | beir | squad | jsonl | msmarco"),
     window: Optional[int] = typer.Option(None, help="Words per passage window (0: keep documents whole)."),
     stride: Optional[int] = typer.Option(None, help="Words between window starts (default: window, no overlap)."),
     dev_fraction: Optional[float] = typer.Option(None, help="Hold out this fraction of train as dev, grouped by document."),
@@ -86,18 +86,23 @@ def ingest(
     question_field: Optional[str] = typer.Option(None, help="jsonl: field holding the question text."),
     answers_field: Optional[str] = typer.Option(None, help="jsonl: field holding the answer list."),
     positives_field: Optional[str] = typer.Option(None, help="jsonl: field holding gold passage ids."),
+    qrels: Optional[list[str]] = typer.Option(
+        None, "--qrels", help="TREC qrels (qid 0 pid grade) for the questions of a split: [split=]FILE (repeatable)."),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict/--no-strict", help="SQuAD: refuse an answer not exactly at its answer_start (default: relocate it nearby)."),
     config: Optional[Path] = ConfigOpt,
     overwrite: Optional[bool] = OverwriteOpt,
 ) -> None:
-    """Read corpora and QA sets (DPR, BEIR, SQuAD, jsonl) into passages + questions."""
+    """Read corpora and QA sets (DPR, BEIR, SQuAD, MS MARCO / TREC, jsonl) into passages + questions."""
     from .config import IngestConfig, load_config
-    from .corpus import run
+    from .ingestion import run
 
     cfg = load_config(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,
         window=window, stride=stride, dev_fraction=dev_fraction, seed=seed, dedup=dedup, id_field=id_field,
         title_field=title_field, text_field=text_field, question_field=question_field,
-        answers_field=answers_field, positives_field=positives_field, overwrite=overwrite,
+        answers_field=answers_field, positives_field=positives_field, qrels=qrels or None, strict=strict,
+        overwrite=overwrite,
     )
     report(run(cfg))
 

@@ -83,7 +83,7 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise RagkitError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-INGEST_FORMATS = ("auto", "dpr", "beir", "squad", "jsonl")
+INGEST_FORMATS = ("auto", "dpr", "beir", "squad", "jsonl", "msmarco")
 
 
 @dataclasses.dataclass
@@ -109,6 +109,11 @@ class IngestConfig:
     question_field: str = "question"
     answers_field: str = "answers"
     positives_field: str = "positive_ids"
+    strict: bool = False
+    """Refuse the first SQuAD answer not exactly at its answer_start (default: relocate it when it lies within
+    32 characters, and count it)."""
+    qrels: list[str] = dataclasses.field(default_factory=list)
+    """TREC (or BEIR) qrels files judging the questions of other inputs; ``split=path`` names the split judged."""
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -121,6 +126,7 @@ class IngestConfig:
         if not 0.0 <= self.dev_fraction < 1.0:
             raise RagkitError(f"dev_fraction={self.dev_fraction} must be in [0, 1)")
         self.inputs = [str(p) for p in self.inputs]
+        self.qrels = [str(p) for p in self.qrels]
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
