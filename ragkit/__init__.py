@@ -38,6 +38,14 @@ def train_retriever(mine: str, out: str, **options: Any):
     return run(TrainRetrieverConfig(mine=str(mine), out=str(out), **options))
 
 
+def export_dpr(retriever: str, out: str, **options: Any):
+    """Write a trained retriever as DPR question + context encoders (see :mod:`ragkit.retriever.dpr`)."""
+    from .config import ExportDprConfig
+    from .retriever.dpr import run
+
+    return run(ExportDprConfig(retriever=str(retriever), out=str(out), **options))
+
+
 def mine(ingest: str, out: str, **options: Any):
     """BM25-retrieve every question and write positives + hard negatives (see :class:`ragkit.config.MineConfig`)."""
     from .config import MineConfig

@@ -28,6 +28,9 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train a model: `retriever` (a dual encoder on mined examples).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+export_app = typer.Typer(help="Write a trained model in another layout: `dpr` (DPRQuestionEncoder + DPRContextEncoder).",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML file with this stage's settings; flags override it.")
 OverwriteOpt = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an existing output directory.")
@@ -112,9 +115,10 @@ def ingest(
 def train_retriever(
     mine: Path = typer.Argument(..., help="The mine artifact (output directory of `ragkit mine`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
-    model: Optional[str] = typer.Option(None, help="Starting model: minilm, a Hugging Face directory or a trained retriever."),
+    model: Optional[str] = typer.Option(None, help="Starting model: minilm, a Hugging Face directory, a DPR question encoder or a trained retriever."),
+    passage_model: Optional[str] = typer.Option(None, help="Start a separate passage tower from this directory (a DPR context encoder)."),
     shared: Optional[bool] = typer.Option(None, "--shared/--separate", help="One encoder for both towers, or two (DPR)."),
-    pooling: Optional[str] = typer.Option(None, help="cls | mean (default: the model's own)."),
+    pooling: Optional[str] = typer.Option(None, help="cls | mean | dpr (default: the model's own)."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="L2-normalise embeddings (default: the model's own)."),
     similarity: Optional[str] = typer.Option(None, help="dot | cos"),
     temperature: Optional[float] = typer.Option(None, help="Softmax temperature of the contrastive loss."),
@@ -152,6 +156,7 @@ def train_retriever(
 
     cfg = load_config(
         TrainRetrieverConfig, config, "train-retriever", mine=str(mine), out=str(out) if out else None, model=model,
+        passage_model=passage_model,
         shared=shared, pooling=pooling, normalize=normalize, similarity=similarity, temperature=temperature, loss=loss,
         query_max_length=query_max_length, passage_max_length=passage_max_length, batch_size=batch_size,
         hard_negatives=hard_negatives, chunk_size=chunk_size, epochs=epochs, max_steps=max_steps, lr=lr,
@@ -169,6 +174,23 @@ def train_retriever(
         rows = {"dev (bm25)": manifest.metrics.get("bm25_dev"), "dev (start)": manifest.metrics.get("dev_start"),
                 "dev (trained)": manifest.metrics["dev"]}
         typer.echo(format_table({name: row for name, row in rows.items() if row and "questions" in row}))
+
+
+@export_app.command("dpr")
+@stage_command
+def export_dpr(
+    retriever: Path = typer.Argument(..., help="A trained retriever (output directory of `ragkit train retriever`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: question_encoder/ + ctx_encoder/."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Export a cls-pooled, unnormalised retriever as DPRQuestionEncoder + DPRContextEncoder directories."""
+    from .config import ExportDprConfig, load_config
+    from .retriever.dpr import run
+
+    cfg = load_config(ExportDprConfig, config, "export-dpr", retriever=str(retriever), out=str(out) if out else None,
+                      overwrite=overwrite)
+    report(run(cfg))
 
 
 @app.command()

@@ -144,13 +144,16 @@ class TrainRetrieverConfig:
     """The mine artifact to train on (its examples/train split; the dev questions for evaluation)."""
     out: str = "artifacts/retriever"
     model: str = "minilm"
-    """Starting weights: an alias (minilm), a Hugging Face directory, or a saved retriever."""
-    shared: bool = True
-    """One encoder for queries and passages; False trains two towers (DPR)."""
+    """Starting weights: an alias (minilm), a Hugging Face directory, a DPR question encoder, or a saved retriever."""
+    passage_model: str | None = None
+    """Starting weights of a separate passage tower (a DPR context encoder, or any model directory)."""
+    shared: bool | None = None
+    """One encoder for queries and passages; False trains two towers (DPR). None: separate when
+    ``passage_model`` is given, else the saved retriever's own sharing, else shared."""
     pooling: str | None = None
-    """cls | mean; None keeps the starting model's (mean for a plain Hugging Face model)."""
+    """cls | mean | dpr; None keeps the starting model's (mean for a plain Hugging Face model, dpr for DPR)."""
     normalize: bool | None = None
-    """L2-normalise embeddings; None keeps the starting model's."""
+    """L2-normalise embeddings; None keeps the starting model's (off for DPR)."""
     similarity: str = "dot"
     temperature: float = 0.05
     loss: str = "dpr"
@@ -198,13 +201,16 @@ class TrainRetrieverConfig:
         if not self.mine:
             raise RagkitError("no mine artifact given (pass the output directory of `ragkit mine`)")
         self.mine, self.out = str(self.mine), str(self.out)
+        self.passage_model = str(self.passage_model) if self.passage_model else None
+        if self.passage_model and self.shared:
+            raise RagkitError("passage_model starts a separate passage tower, it does not combine with shared=True (drop --shared)")
         _check_choice("similarity", self.similarity, ("dot", "cos"))
         _check_choice("loss", self.loss, LOSS_KINDS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("guide_margin_strategy", self.guide_margin_strategy, GUIDE_MARGIN_STRATEGIES)
         _check_choice("select_metric", self.select_metric, SELECT_METRICS)
         if self.pooling is not None:
-            _check_choice("pooling", self.pooling, ("cls", "mean"))
+            _check_choice("pooling", self.pooling, ("cls", "mean", "dpr"))
         for name in ("temperature", "lr", "query_max_length", "passage_max_length", "batch_size", "eval_batch_size",
                      "eval_max_passages"):
             _check_positive(name, getattr(self, name))
@@ -220,6 +226,21 @@ class TrainRetrieverConfig:
                 "negative_cache does not combine with guide: the guide would have to score every cached passage "
                 "to mask the cache's softmax (drop one of them)"
             )
+
+
+@dataclasses.dataclass
+class ExportDprConfig:
+    """``ragkit export dpr``: a trained retriever -> DPR's ``question_encoder/`` + ``ctx_encoder/`` layout."""
+
+    retriever: str = ""
+    """The trained retriever (output directory of ``ragkit train retriever``)."""
+    out: str = "artifacts/dpr"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.retriever:
+            raise RagkitError("no retriever given (pass the output directory of `ragkit train retriever`)")
+        self.retriever, self.out = str(self.retriever), str(self.out)
 
 
 BM25_BACKENDS = ("bm25s", "rank-bm25")

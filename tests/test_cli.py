@@ -9,7 +9,7 @@ runner = CliRunner()
 def test_help_lists_the_stages():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("ingest", "mine", "evaluate", "hybrid", "train"):
+    for command in ("ingest", "mine", "evaluate", "hybrid", "train", "export"):
         assert command in result.output
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "retriever" in result.output
@@ -23,5 +23,5 @@ def test_version():
 def test_stage_functions_are_importable():
     import ragkit
 
-    for name in ("ingest", "mine", "evaluate", "hybrid", "train_retriever"):
+    for name in ("ingest", "mine", "evaluate", "hybrid", "train_retriever", "export_dpr"):
         assert callable(getattr(ragkit, name))

