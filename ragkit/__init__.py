@@ -41,3 +41,11 @@ def evaluate(artifact: str, out: str, **options: Any):
     from .evaluation import run
 
     return run(EvaluateConfig(artifact=str(artifact), out=str(out), **options))
+
+
+def index(ingest: str, out: str, model: str = "minilm", **options):
+    """Encode an ingest artifact's passages, build a FAISS index and write dense runs (see :class:`ragkit.config.IndexConfig`)."""
+    from .config import IndexConfig
+    from .indexing.stage import run
+
+    return run(IndexConfig(ingest=str(ingest), out=str(out), model=str(model), **options))

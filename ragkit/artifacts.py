@@ -228,6 +228,12 @@ def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def work_dir_for(out: str | Path) -> Path:
+    """The stable directory beside ``out`` where a long stage keeps resumable work: ``<parent>/.<name>.work``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file through a temporary sibling and ``os.replace`` it into place."""
     path = Path(path)
