@@ -1,13 +1,19 @@
 """Ingest throughput and memory: passages per second and peak RSS as the corpus grows.
 
-For each size, a synthetic corpus is streamed to a DPR passage tsv (documents of 100-300 words drawn
-from a Zipf vocabulary, ~2 windows of 100 words each) plus a jsonl of questions that name a gold
-document and a two-word answer from it (the same number of questions at every size, as a real QA set
-does not grow with the corpus). A fresh process then runs ``ragkit.ingest`` on them and reports its own
-peak RSS (``ru_maxrss``), so sizes do not share a high-water mark. Streaming means RSS should stay
-almost flat: the target is RSS(largest) / RSS(smallest) <= 1.5.
+For each size, a synthetic corpus is streamed to disk in one of two layouts, with words drawn from a Zipf
+vocabulary, and the same number of questions at every size (a real QA set does not grow with the corpus):
 
-    python benchmarks/bench_ingest.py                          # full scale: 100k and 1M passages
+* ``--layout dpr``: a DPR passage tsv (documents of 100-300 words, ~2 windows of 100 words each) plus a
+  jsonl of questions that name a gold document and a two-word answer from it;
+* ``--layout msmarco``: an MS MARCO directory, ``collection.tsv`` (``pid<TAB>passage``, 30-70 words, ~50, so
+  one window each) plus ``queries.train.tsv`` and TREC ``qrels.train.tsv`` judging one passage per query.
+
+A fresh process then runs ``ragkit.ingest`` on them and reports its own peak RSS (``ru_maxrss``), so sizes
+do not share a high-water mark. Streaming means RSS should stay almost flat: the target is
+RSS(largest) / RSS(smallest) <= 1.5.
+
+    python benchmarks/bench_ingest.py                          # full scale: 100k and 1M passages, DPR tsv
+    python benchmarks/bench_ingest.py --layout msmarco         # the same sizes as an MS MARCO collection
     python benchmarks/bench_ingest.py --passages 20000 100000  # quick check
 """
 
@@ -37,12 +43,16 @@ def _vocabulary() -> tuple[list[str], list[float]]:
     return vocabulary, cumulative
 
 
-def generate(directory: Path, passages: int, questions: int, window: int, seed: int) -> tuple[Path, Path, int]:
-    """Stream a passage tsv and a question jsonl holding about ``passages`` windows; returns the paths and
-    the exact number of windows."""
+def _words(rng: random.Random, vocabulary: list[str], cumulative: list[float], count: int) -> list[str]:
+    total = cumulative[-1]
+    return [vocabulary[bisect.bisect_left(cumulative, rng.random() * total)] for _ in range(count)]
+
+
+def generate(directory: Path, passages: int, questions: int, window: int, seed: int) -> tuple[list[Path], int]:
+    """Stream a passage tsv and a question jsonl holding about ``passages`` windows; returns the input paths
+    and the exact number of windows."""
     rng = random.Random(seed)
     vocabulary, cumulative = _vocabulary()
-    total = cumulative[-1]
     corpus, asked = directory / "psgs.tsv", directory / "questions.jsonl"
     windows_per_document = sum(-(-length // window) for length in range(100, 301)) / 201
     expected_documents = passages / windows_per_document
@@ -53,25 +63,49 @@ def generate(directory: Path, passages: int, questions: int, window: int, seed: 
             if windows >= passages:
                 break
             length = rng.randint(100, 300)
-            text = [vocabulary[bisect.bisect_left(cumulative, rng.random() * total)] for _ in range(length)]
+            text = _words(rng, vocabulary, cumulative, length)
             tsv.write(f"{doc}\t{' '.join(text)}\tDocument {doc}\n")
             windows += -(-length // window)
             if rng.random() < questions / expected_documents:
                 at = rng.randrange(length - 1)
                 jsonl.write(json.dumps({"question": f"what follows {text[at - 1]}", "answers": [" ".join(text[at:at + 2])],
                                         "positive_ids": [str(doc)]}) + "\n")
-    return corpus, asked, windows
+    return [corpus, asked], windows
 
 
-def child(corpus: str, questions: str, out: str, window: int) -> None:
+def generate_msmarco(directory: Path, passages: int, questions: int, window: int, seed: int) -> tuple[list[Path], int]:
+    """Stream an MS MARCO directory: ``passages`` lines of collection.tsv (each within one window), queries and
+    TREC qrels; returns the directory and the number of passages."""
+    assert window >= 70, "msmarco passages are up to 70 words: one window each"
+    rng = random.Random(seed)
+    vocabulary, cumulative = _vocabulary()
+    folder = directory / "msmarco"
+    folder.mkdir()
+    with open(folder / "collection.tsv", "w", encoding="utf-8") as tsv, \
+            open(folder / "queries.train.tsv", "w", encoding="utf-8") as queries, \
+            open(folder / "qrels.train.tsv", "w", encoding="utf-8") as qrels:
+        for pid in range(passages):
+            text = _words(rng, vocabulary, cumulative, rng.randint(30, 70))
+            tsv.write(f"{pid}\t{' '.join(text)}\n")
+            if rng.random() < questions / passages:
+                qid = 1_000_000_000 + pid
+                queries.write(f"{qid}\twhat follows {text[0]} {text[1]}\n")
+                qrels.write(f"{qid}\t0\t{pid}\t1\n")
+    return [folder], passages
+
+
+LAYOUTS = {"dpr": generate, "msmarco": generate_msmarco}
+
+
+def child(out: str, window: int, inputs: list[str]) -> None:
     """Runs in a fresh process: ingest, then print the timing and this process's peak RSS as JSON."""
     from ragkit import ingest
 
-    importlib.import_module("ragkit.corpus")  # imports are not ingest time; their RSS is reported apart
+    importlib.import_module("ragkit.ingestion")  # imports are not ingest time; their RSS is reported apart
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    manifest = ingest([corpus, questions], out, window=window)
+    manifest = ingest(inputs, out, window=window)
     seconds = time.perf_counter() - start
     print(json.dumps({
         "seconds": seconds,
@@ -86,15 +120,16 @@ def child(corpus: str, questions: str, out: str, window: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="dpr", help="DPR tsv + jsonl, or an MS MARCO directory.")
     parser.add_argument("--passages", type=int, nargs="+", default=[100_000, 1_000_000], help="Corpus sizes, in windows.")
     parser.add_argument("--questions", type=int, default=2000, help="Questions at every size.")
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="Where the generated files go (default: a temp dir).")
-    parser.add_argument("--child", nargs=4, metavar=("CORPUS", "QUESTIONS", "OUT", "WINDOW"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", metavar="OUT WINDOW INPUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child[:3], int(args.child[3]))
+        child(args.child[0], int(args.child[1]), args.child[2:])
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,23 +137,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for size in args.passages:
             start = time.perf_counter()
-            corpus, questions, windows = generate(Path(tmp), size, args.questions, args.window, args.seed)
+            inputs, windows = LAYOUTS[args.layout](Path(tmp), size, args.questions, args.window, args.seed)
             made = time.perf_counter() - start
             out = Path(tmp) / f"ingest-{size}"
-            run = subprocess.run([sys.executable, __file__, "--child", str(corpus), str(questions), str(out), str(args.window)],
+            run = subprocess.run([sys.executable, __file__, "--child", str(out), str(args.window), *map(str, inputs)],
                                  capture_output=True, text=True, check=True)
             result = json.loads(run.stdout.strip().splitlines()[-1])
             assert result["passages"] == windows, (result, windows)
-            result.update(size=size, input_mb=corpus.stat().st_size / 2**20, generate_seconds=made)
+            input_bytes = sum(f.stat().st_size for path in inputs for f in ([path] if path.is_file() else path.iterdir()))
+            result.update(size=size, input_mb=input_bytes / 2**20, generate_seconds=made)
             results.append(result)
             print(f"{size:>10,} target: {result['passages']:>10,} passages from {result['documents']:>9,} documents "
-                  f"({result['input_mb']:.0f} MiB tsv) + {result['questions']:,} questions "
+                  f"({result['input_mb']:.0f} MiB {args.layout}) + {result['questions']:,} questions "
                   f"({result['without_positive']} without positive): {result['seconds']:7.1f} s, "
                   f"{result['passages'] / result['seconds']:>8,.0f} passages/s, peak RSS {result['peak_rss_mb']:7.1f} MiB "
                   f"(after imports {result['import_rss_mb']:.1f} MiB)", flush=True)
-            for path in (corpus, questions):
-                path.unlink()
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            subprocess.run(["rm", "-rf", str(out), *map(str, inputs)], check=True)
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(f"RSS({last['passages']:,}) / RSS({first['passages']:,}) = {last['peak_rss_mb'] / first['peak_rss_mb']:.2f} "

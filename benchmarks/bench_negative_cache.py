@@ -24,7 +24,8 @@ import time
 import psutil
 import torch
 
-from ragkit.retriever.negative_cache import NegativeCache, refresh_drawn
+from ragkit.retriever.negative_cache.sharded import refresh_drawn
+from ragkit.retriever.negative_cache.store import NegativeCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FILL_BATCH = 1024

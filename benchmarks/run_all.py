@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "ingest": ["bench_ingest.py"],
+    "ingest-msmarco": ["bench_ingest.py", "--layout", "msmarco"],
     "bm25": ["bench_bm25.py"],
     "gradcache": ["bench_gradcache.py", "--bf16", "--batches", "16,64,512", "--steps", "2"],
     "negative_cache": ["bench_negative_cache.py"],

@@ -18,7 +18,8 @@ the scores that artifact must hold, each within a tolerance, with the published 
     commands = ["$(RAGKIT) mine ...", "$(RAGKIT) evaluate ..."]
 
     [[stage.score]]                    # metrics[split][metric]
-    split = "dev"
+    split = "dev"                      # (with `run = "bm25"`: metrics[run][split][metric], the layout of
+                                       # `ragkit evaluate` given several runs)
     metric = "ndcg@10"
     expected = 0.6989
     reference = 0.665                  # optional: the literature's number, shown beside ours
@@ -68,7 +69,7 @@ METRICS_FILES = ("metrics.json", "manifest.json")
 KEYS = {
     "recipe": {"name", "description"},
     "stage": {"name", "artifact", "metrics_file", "tolerance", "wall_seconds", "commands", "score", "count"},
-    "score": {"split", "metric", "expected", "tolerance", "reference", "reference_source"},
+    "score": {"split", "metric", "expected", "tolerance", "reference", "reference_source", "run"},
     "count": {"name", "split", "expected", "reference", "reference_source"},
 }
 # Float slack on the tolerance, so a delta equal to the tolerance up to rounding still passes.
@@ -89,6 +90,8 @@ class Expectation:
     tolerance: float
     reference: float | None = None
     reference_source: str | None = None
+    run: str | None = None
+    """A score of one run in a multi-run metrics.json (metrics[run][split][name])."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +217,9 @@ def _expectations(where: _Where, index: int, stage: str, table: dict, tolerance:
             source = _field(entry, "reference_source", str, fail, "reference_source is text", None)
             if reference is not None and source is None:
                 raise fail("a reference needs reference_source (say where the number is published)")
+            run = _field(entry, "run", str, fail, "run is text", None) if kind == "score" else None
             out.append(Expectation(stage, kind, name, split, expected, float(own),
-                                   None if reference is None else float(reference), source))
+                                   None if reference is None else float(reference), source, run))
     return out
 
 
@@ -326,7 +330,7 @@ def check_stage(stage: Stage, work: Path) -> tuple[list[Outcome], list[str]]:
         if problem:
             outcomes.append(Outcome(item, "MISSING", source_missing=True))
             continue
-        keys = [item.split, item.name] if item.kind == "score" else [item.name, item.split]
+        keys = [item.run, item.split, item.name] if item.kind == "score" else [item.name, item.split]
         got = _lookup(data, [k for k in keys if k is not None])
         if isinstance(got, bool) or not isinstance(got, (int, float)):
             outcomes.append(Outcome(item, "MISSING"))
@@ -372,7 +376,8 @@ def format_outcomes(outcomes: Sequence[Outcome]) -> str:
     rows = []
     for o in outcomes:
         e = o.expectation
-        row = [e.stage, e.split or "-", e.name, _number(e.expected, e.kind), _number(o.got, e.kind),
+        split = f"{e.run}:{e.split}" if e.run else (e.split or "-")
+        row = [e.stage, split, e.name, _number(e.expected, e.kind), _number(o.got, e.kind),
                _number(o.delta, e.kind, signed=True), f"{e.tolerance:g}", o.status]
         if with_reference:
             row.append(f"{e.reference:g} ({e.reference_source})" if e.reference is not None else "")

@@ -8,15 +8,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pathlib import Path
 from typing import Any
 
 
-def ingest(inputs: list[str], out: str, **options: Any):
-    """Read corpora / QA sets and write passages + questions (see :class:`ragkit.config.IngestConfig`)."""
-    from .config import IngestConfig
-    from .corpus import run
+def ingest(inputs: Any = None, out: str | None = None, **options: Any):
+    """Read corpora / QA sets and write passages + questions (see :class:`ragkit.config.IngestConfig`).
 
-    return run(IngestConfig(inputs=list(inputs), out=out, **options))
+    ``inputs``: paths (``split=path`` names a question file's split), or in-memory records for the train split:
+    a pandas DataFrame or a list of dicts with simpletransformers' columns ``query_text``, ``gold_passage``,
+    ``title`` (and optionally ``hard_negative``, ``answers``). A keyword named after a split gives that split's
+    records or file: ``ragkit.ingest(train=train_df, dev=dev_df, out="work/nb")``.
+    """
+    from .config import IngestConfig
+    from .ingestion import run
+    from .ingestion.frames import sort_arguments
+
+    if out is None:
+        raise TypeError("ingest() needs out=, the artifact directory to write")
+    paths, frames, settings = sort_arguments(inputs, options)
+    return run(IngestConfig(inputs=paths, out=str(out), **settings), frames)
 
 
 def train_retriever(mine: str, out: str, **options: Any):
@@ -35,12 +46,22 @@ def mine(ingest: str, out: str, **options: Any):
     return run(MineConfig(ingest=str(ingest), out=str(out), **options))
 
 
-def evaluate(artifact: str, out: str, **options: Any):
-    """Score the runs of a mine / index artifact (see :class:`ragkit.config.EvaluateConfig`)."""
+def evaluate(artifact: str | list[str], out: str, **options: Any):
+    """Score the runs of an artifact (mine, index, hybrid), or of several side by side: pass a list of
+    artifacts or ``name=path`` entries (see :class:`ragkit.config.EvaluateConfig`)."""
     from .config import EvaluateConfig
     from .evaluation import run
 
-    return run(EvaluateConfig(artifact=str(artifact), out=str(out), **options))
+    runs = [artifact] if isinstance(artifact, (str, Path)) else list(artifact)
+    return run(EvaluateConfig(runs=[str(r) for r in runs], out=str(out), **options))
+
+
+def hybrid(dense: str, bm25: str, out: str, **options: Any):
+    """Fuse the runs of two artifacts, dense and BM25 (see :class:`ragkit.config.HybridConfig`)."""
+    from .config import HybridConfig
+    from .indexing.hybrid import run
+
+    return run(HybridConfig(dense=str(dense), bm25=str(bm25), out=str(out), **options))
 
 
 def index(ingest: str, out: str, model: str = "minilm", **options):

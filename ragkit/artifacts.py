@@ -6,6 +6,11 @@ read it. The manifest records what produced the directory (stage, resolved confi
 versions, git commit) and what it was produced from (upstream artifacts with the hash of their manifest,
 raw input files with their content hash), so a downstream stage can refuse an artifact of the wrong stage,
 of another schema, or whose upstream changed after it was built.
+
+A run that is killed outright (``kill -9``, the out-of-memory killer) cannot remove its staging
+directory, so each run holds an exclusive ``flock`` on a lock file next to it for its whole life; the
+operating system drops that lock when the process dies. The next run into the same output removes the
+staging leftovers whose lock it can take, and never those of a live run.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -28,8 +35,18 @@ from typing import Any, Iterator
 
 from .errors import RagkitError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so leftovers of killed runs are not removed there
+    fcntl = None  # type: ignore[assignment]
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+
+_LOG = logging.getLogger(__name__)
+_RUN_ID = re.compile(r"[0-9a-f]{8}")
+_STAGING_KINDS = ("tmp", "old")
+"""``.OUT.tmp-ID``: the directory being built; ``.OUT.old-ID``: the replaced output, during the final rename."""
 
 _TRACKED_PACKAGES = ("torch", "transformers", "datasets", "faiss-cpu", "bm25s", "rank-bm25", "numpy")
 
@@ -204,28 +221,138 @@ def file_input(path: str | Path, role: str) -> dict[str, Any]:
 def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``out`` atomically, on error it is removed.
 
-    An existing non-empty ``out`` is refused unless ``overwrite``.
+    An existing non-empty ``out`` is refused unless ``overwrite``. Leftovers of killed runs into ``out``
+    are removed first (see :func:`remove_stale_staging`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RagkitError(f"{out}: exists and is not a directory (choose another --out)")
+    remove_stale_staging(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RagkitError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    run_id, lock_fd = _claim_run(out)
+    tmp, old = (_run_path(out, kind, run_id) for kind in _STAGING_KINDS)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        moved = False
+        if out.exists():
+            os.replace(out, old)
+            moved = True
+        os.replace(tmp, out)
+        if moved:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        # Only once this run's directories are renamed or removed may another run take its lock.
+        _run_path(out, "lock", run_id).unlink(missing_ok=True)
+        os.close(lock_fd)
+
+
+def _run_path(out: Path, kind: str, run_id: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{run_id}"
+
+
+def _claim_run(out: Path) -> tuple[str, int]:
+    """A fresh run id and the descriptor of its lock file ``.OUT.lock-ID``, created and locked by this process.
+
+    The lock exists before the run's directories do and outlives them, so a staging directory without
+    one belongs to no live run. A cleaner may take a brand-new lock file in the instant before its
+    creator locks it (and then deletes it): the creator sees its file gone and draws another id.
+    """
+    while True:
+        run_id = uuid.uuid4().hex[:8]
+        lock = _run_path(out, "lock", run_id)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if not _is_same_file(fd, lock):
+                os.close(fd)
+                continue
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        return run_id, fd
+
+
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+def remove_stale_staging(out: str | Path) -> list[Path]:
+    """Remove the staging directories (``.OUT.tmp-ID``, ``.OUT.old-ID``) of runs into ``out`` that died.
+
+    A run is dead when its lock file ``.OUT.lock-ID`` is missing or can be locked; a live run holds its
+    lock, so its directories are kept. Other siblings (the trainer's ``.OUT.work``) are never touched.
+    Logs one line when something was removed; returns the removed directories. Without ``fcntl``
+    (Windows) nothing is removed.
+    """
+    out = Path(out)
+    if fcntl is None or not out.parent.is_dir():
+        return []
+    prefix = f".{out.name}."
+    run_ids = set()
+    for entry in os.scandir(out.parent):
+        kind, _, run_id = entry.name[len(prefix):].partition("-")
+        if entry.name.startswith(prefix) and kind in (*_STAGING_KINDS, "lock") and _RUN_ID.fullmatch(run_id):
+            run_ids.add(run_id)
+    removed: list[Path] = []
+    owners: list[str] = []
+    for run_id in sorted(run_ids):
+        lock = _run_path(out, "lock", run_id)
+        try:
+            fd: int | None = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        except PermissionError:
+            continue  # another user's run: not ours to judge
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run
+            found = len(removed)
+            for kind in _STAGING_KINDS:
+                path = _run_path(out, kind, run_id)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    if not path.exists():
+                        removed.append(path)
+            if fd is not None and len(removed) > found and (owner := _lock_owner(fd)):
+                owners.append(owner)
+            if fd is not None and _is_same_file(fd, lock):
+                lock.unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    if removed:
+        killed = f" (pid {', '.join(sorted(owners))})" if owners else ""
+        _LOG.warning("%s: removed %s, left by killed runs%s", out, ", ".join(p.name for p in removed), killed)
+    return removed
+
+
+def _lock_owner(fd: int) -> str:
+    """``PID on HOST`` from a lock file, or '' when it is unreadable."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"{int(data['pid'])} on {data['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def work_dir_for(out: str | Path) -> Path:

@@ -75,7 +75,7 @@ def report(manifest) -> None:
 def ingest(
     inputs: list[str] = typer.Argument(..., help="Files or directories; `split=path` names a question file's split."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | dpr | beir | squad | jsonl"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="auto | dpr | beir | squad | jsonl | msmarco"),
     window: Optional[int] = typer.Option(None, help="Words per passage window (0: keep documents whole)."),
     stride: Optional[int] = typer.Option(None, help="Words between window starts (default: window, no overlap)."),
     dev_fraction: Optional[float] = typer.Option(None, help="Hold out this fraction of train as dev, grouped by document."),
@@ -87,18 +87,23 @@ def ingest(
     question_field: Optional[str] = typer.Option(None, help="jsonl: field holding the question text."),
     answers_field: Optional[str] = typer.Option(None, help="jsonl: field holding the answer list."),
     positives_field: Optional[str] = typer.Option(None, help="jsonl: field holding gold passage ids."),
+    qrels: Optional[list[str]] = typer.Option(
+        None, "--qrels", help="TREC qrels (qid 0 pid grade) for the questions of a split: [split=]FILE (repeatable)."),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict/--no-strict", help="SQuAD: refuse an answer not exactly at its answer_start (default: relocate it nearby)."),
     config: Optional[Path] = ConfigOpt,
     overwrite: Optional[bool] = OverwriteOpt,
 ) -> None:
-    """Read corpora and QA sets (DPR, BEIR, SQuAD, jsonl) into passages + questions."""
+    """Read corpora and QA sets (DPR, BEIR, SQuAD, MS MARCO / TREC, jsonl) into passages + questions."""
     from .config import IngestConfig, load_config
-    from .corpus import run
+    from .ingestion import run
 
     cfg = load_config(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,
         window=window, stride=stride, dev_fraction=dev_fraction, seed=seed, dedup=dedup, id_field=id_field,
         title_field=title_field, text_field=text_field, question_field=question_field,
-        answers_field=answers_field, positives_field=positives_field, overwrite=overwrite,
+        answers_field=answers_field, positives_field=positives_field, qrels=qrels or None, strict=strict,
+        overwrite=overwrite,
     )
     report(run(cfg))
 
@@ -213,27 +218,67 @@ def mine(
 @app.command()
 @stage_command
 def evaluate(
-    artifact: Path = typer.Argument(..., help="An artifact holding runs/ (from `ragkit mine` or `ragkit index`)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for metrics.json."),
-    ingest: Optional[Path] = typer.Option(None, help="Ingest artifact with the questions (default: the artifact's own)."),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to score (repeatable; default: every run)."),
+    runs: list[str] = typer.Argument(..., help="Artifacts holding runs/ (mine, index, hybrid), or NAME=path (artifact or .trec file)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for metrics.json, per_question/, topk.png."),
+    ingest: Optional[Path] = typer.Option(None, help="Ingest artifact with the questions (default: the artifacts' own)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to score (repeatable; default: every split all runs have)."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="Cut-off for top-k accuracy and recall (repeatable)."),
     match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex"),
     config: Optional[Path] = ConfigOpt,
     overwrite: Optional[bool] = OverwriteOpt,
 ) -> None:
-    """Score an artifact's runs: top-k accuracy, recall, MRR@10, nDCG@10."""
+    """Score runs side by side: top-k accuracy, recall, MRR@10, nDCG@10; per-question results and a top-k plot."""
     from .config import EvaluateConfig, load_config
-    from .evaluation import format_table, run
+    from .evaluation import format_comparison, format_table, run
 
     cfg = load_config(
-        EvaluateConfig, config, "evaluate", artifact=str(artifact), out=str(out) if out else None,
+        EvaluateConfig, config, "evaluate", runs=list(runs), out=str(out) if out else None,
         ingest=str(ingest) if ingest else None, splits=split or None, ks=k or None, match_type=match_type,
         overwrite=overwrite,
     )
     manifest = run(cfg)
-    typer.echo(format_table(manifest.metrics))
-    typer.echo(f"wrote {manifest.path / 'metrics.json'}")
+    typer.echo(format_table(manifest.metrics) if len(cfg.runs) == 1 else format_comparison(manifest.metrics))
+    typer.echo(f"wrote {manifest.path / 'metrics.json'}, {manifest.files['plot']} and per_question/")
+
+
+@app.command()
+@stage_command
+def hybrid(
+    dense: Path = typer.Argument(..., help="Artifact with the dense runs (output of `ragkit index`; any artifact holding runs)."),
+    bm25: Path = typer.Argument(..., help="Artifact with the BM25 runs (output of `ragkit mine`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    method: Optional[str] = typer.Option(None, help="linear (dense + alpha * bm25) | rrf (reciprocal rank fusion)."),
+    alpha: Optional[str] = typer.Option(None, help="linear: the BM25 weight, or 'tuned' (default) to pick it on --tune-split."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: min-max centre each run's scores first."),
+    rrf_k: Optional[float] = typer.Option(None, help="rrf: the k of 1 / (k + rank)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Split to fuse (repeatable; default: all but the tune split)."),
+    depth: Optional[int] = typer.Option(None, help="Results kept from each run and in the fused run."),
+    tune_split: Optional[str] = typer.Option(None, help="Split alpha is tuned on, never reported (default: validation, else train)."),
+    tune_metric: Optional[str] = typer.Option(None, help="Metric alpha maximises (auto, accuracy@20, ndcg@10, ...)."),
+    tune_max_questions: Optional[int] = typer.Option(None, help="Tune on a seeded sample of at most this many questions."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the tuning sample."),
+    match_type: Optional[str] = typer.Option(None, help="string (DPR token match) | regex, for top-k accuracy when tuning."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Fuse dense and BM25 runs (linear with a tuned alpha, or RRF) into hybrid runs."""
+    from .config import HybridConfig, load_config
+    from .indexing.hybrid import run
+
+    cfg = load_config(
+        HybridConfig, config, "hybrid", dense=str(dense), bm25=str(bm25), out=str(out) if out else None, method=method,
+        alpha=alpha, normalize=normalize, rrf_k=rrf_k, splits=split or None, depth=depth, tune_split=tune_split,
+        tune_metric=tune_metric, tune_max_questions=tune_max_questions, seed=seed, match_type=match_type,
+        overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    typer.echo(f"wrote {manifest.path} (hybrid: {', '.join(f'{s}={n}' for s, n in manifest.counts['questions'].items())} questions)")
+    tuning = manifest.metrics.get("tuning")
+    if tuning:
+        typer.echo(f"alpha = {tuning['alpha']:g}, tuned on {tuning['split']} ({tuning['questions']} of {tuning['of_questions']} "
+                   f"questions): {tuning['metric']} = {tuning['value']:.4f}")
+    elif manifest.metrics.get("alpha") is not None:
+        typer.echo(f"alpha = {manifest.metrics['alpha']:g} (given)")
 
 
 

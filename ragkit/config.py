@@ -83,7 +83,7 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise RagkitError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-INGEST_FORMATS = ("auto", "dpr", "beir", "squad", "jsonl")
+INGEST_FORMATS = ("auto", "dpr", "beir", "squad", "jsonl", "msmarco")
 
 
 @dataclasses.dataclass
@@ -109,6 +109,11 @@ class IngestConfig:
     question_field: str = "question"
     answers_field: str = "answers"
     positives_field: str = "positive_ids"
+    strict: bool = False
+    """Refuse the first SQuAD answer not exactly at its answer_start (default: relocate it when it lies within
+    32 characters, and count it)."""
+    qrels: list[str] = dataclasses.field(default_factory=list)
+    """TREC (or BEIR) qrels files judging the questions of other inputs; ``split=path`` names the split judged."""
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -121,6 +126,7 @@ class IngestConfig:
         if not 0.0 <= self.dev_fraction < 1.0:
             raise RagkitError(f"dev_fraction={self.dev_fraction} must be in [0, 1)")
         self.inputs = [str(p) for p in self.inputs]
+        self.qrels = [str(p) for p in self.qrels]
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -285,30 +291,106 @@ class MineConfig:
 
 @dataclasses.dataclass
 class EvaluateConfig:
-    """``ragkit evaluate``: an artifact holding runs (mine, index) -> retrieval metrics per split."""
+    """``ragkit evaluate``: one or several runs (mine, index, hybrid artifacts; run files) -> metrics per split."""
 
     artifact: str = ""
-    """The artifact whose runs/<split>.trec to score."""
+    """One artifact whose runs/<split>.trec to score (put first in ``runs``)."""
     out: str = "artifacts/evaluate"
+    runs: list[str] = dataclasses.field(default_factory=list)
+    """Runs to score side by side: artifact directories holding runs/, or ``name=path`` where path is an
+    artifact directory or a TREC run file (named after its split, e.g. dev.trec, or given one --split)."""
     ingest: str | None = None
-    """The ingest artifact with the questions; default: the one the artifact was built from."""
+    """The ingest artifact with the questions; default: the one the artifacts were built from."""
     splits: list[str] = dataclasses.field(default_factory=list)
-    """Splits to score; empty: every split with a run."""
+    """Splits to score; empty: every split each run has."""
     ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 20, 100])
     """Cut-offs for top-k accuracy and passage recall."""
     match_type: str = "string"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if not self.artifact:
-            raise RagkitError("no artifact given (pass the output directory of `ragkit mine` or `ragkit index`)")
-        self.artifact, self.out = str(self.artifact), str(self.out)
+        self.runs = [str(r) for r in self.runs]
+        if self.artifact:
+            self.artifact = str(self.artifact)
+            if self.artifact not in self.runs:
+                self.runs.insert(0, self.artifact)
+        if not self.runs:
+            raise RagkitError("no artifact given (pass the output directory of `ragkit mine`, `ragkit index` or `ragkit hybrid`)")
+        self.out = str(self.out)
         self.ingest = str(self.ingest) if self.ingest else None
         self.splits = [str(s) for s in self.splits]
         _check_choice("match_type", self.match_type, MATCH_TYPES)
         if not self.ks or any(int(k) < 1 for k in self.ks):
             raise RagkitError(f"ks={self.ks!r} must be a non-empty list of positive cut-offs")
         self.ks = sorted({int(k) for k in self.ks})
+
+
+FUSION_METHODS = ("linear", "rrf")
+
+
+def _alpha_grid() -> list[float]:
+    """0, then 8 log-spaced values a decade from 0.001 to 100 (scores of the two runs can differ in scale)."""
+    return [0.0] + [round(10 ** (e / 8), 6) for e in range(-24, 17)]
+
+
+@dataclasses.dataclass
+class HybridConfig:
+    """``ragkit hybrid``: two artifacts holding runs (dense, BM25) -> fused runs."""
+
+    dense: str = ""
+    """Artifact with the first runs (mine, index or hybrid); its scores enter the fusion with weight 1."""
+    bm25: str = ""
+    """Artifact with the second runs; its scores are weighted by alpha."""
+    out: str = "artifacts/hybrid"
+    method: str = "linear"
+    """linear: dense + alpha * bm25 (missing scores filled with the list's minimum); rrf: reciprocal rank fusion."""
+    alpha: float | str = "tuned"
+    """linear: a weight >= 0, or 'tuned': the grid value best on ``tune_split``."""
+    normalize: bool = False
+    """linear: min-max centre each list's scores first (pyserini's normalisation)."""
+    rrf_k: float = 60.0
+    splits: list[str] = dataclasses.field(default_factory=list)
+    """Splits to fuse and report; empty: every split both artifacts have runs for, except the tune split."""
+    depth: int = 100
+    """Results kept from each run and in the fused run."""
+    tune_split: str | None = None
+    """Split alpha is tuned on (never reported); None: 'validation' when both artifacts have runs for it, else 'train'."""
+    tune_metric: str = "auto"
+    """Metric maximised; auto: top-20 accuracy, else nDCG@10, else recall@20 (what the questions allow)."""
+    tune_max_questions: int = 2000
+    """Tune on a seeded sample of at most this many questions."""
+    alpha_grid: list[float] = dataclasses.field(default_factory=_alpha_grid)
+    seed: int = 0
+    match_type: str = "string"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.dense or not self.bm25:
+            raise RagkitError("give two artifacts holding runs: DENSE_ARTIFACT BM25_ARTIFACT (outputs of `ragkit index`, `ragkit mine`)")
+        self.dense, self.bm25, self.out = str(self.dense), str(self.bm25), str(self.out)
+        _check_choice("method", self.method, FUSION_METHODS)
+        _check_choice("tune_metric", self.tune_metric, SELECT_METRICS)
+        _check_choice("match_type", self.match_type, MATCH_TYPES)
+        if self.alpha != "tuned":
+            try:
+                self.alpha = float(self.alpha)
+            except (TypeError, ValueError):
+                raise RagkitError(f"alpha={self.alpha!r} must be a number >= 0 or 'tuned'") from None
+            _check_positive("alpha", self.alpha, allow_zero=True)
+            if self.method != "linear":
+                raise RagkitError(f"alpha={self.alpha} weighs scores in linear fusion only; drop --alpha with --method {self.method}")
+        for name in ("rrf_k", "depth", "tune_max_questions"):
+            _check_positive(name, getattr(self, name))
+        self.alpha_grid = sorted({float(a) for a in self.alpha_grid})
+        if not self.alpha_grid or self.alpha_grid[0] < 0:
+            raise RagkitError(f"alpha_grid={self.alpha_grid!r} must be a non-empty list of weights >= 0")
+        self.splits = [str(s) for s in self.splits]
+        self.tune_split = str(self.tune_split) if self.tune_split else None
+
+    @property
+    def tuned(self) -> bool:
+        """Whether alpha is chosen on the tune split (linear fusion without a given alpha)."""
+        return self.method == "linear" and self.alpha == "tuned"
 
 
 INDEX_PRECISIONS = ("auto", "fp32", "bf16", "fp16")

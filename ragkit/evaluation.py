@@ -84,6 +84,58 @@ def ndcg_at_k(ranked_docs: Sequence[str], grades: Mapping[str, float], k: int = 
     return dcg(gains) / dcg(ideal)
 
 
+def question_scores(
+    ranked_ids: Sequence[str],
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    has_answers: bool = False,
+    answer_rank: int | None = None,
+    positive_ids: Sequence[str] = (),
+    ranked_doc_ids: Sequence[str] | None = None,
+    doc_ids: Sequence[str] = (),
+    doc_scores: Sequence[float] = (),
+) -> dict[str, float]:
+    """One question's metric values, for the families it can be scored by (see the module docstring).
+
+    ``accuracy@k`` when ``has_answers`` (from ``answer_rank``), ``recall@k`` and ``mrr@10`` when it has
+    ``positive_ids``, ``ndcg@10`` and ``doc_recall@100`` when a judged document has grade > 0 and
+    ``ranked_doc_ids`` is given.
+    """
+    out: dict[str, float] = {}
+    if has_answers:
+        for k in ks:
+            out[f"accuracy@{k}"] = float(answer_rank is not None and answer_rank <= k)
+    if positive_ids:
+        for k in ks:
+            out[f"recall@{k}"] = recall_at_k(ranked_ids, positive_ids, k)
+        out[f"mrr@{MRR_K}"] = reciprocal_rank(ranked_ids, positive_ids, MRR_K)
+    grades = {doc: float(score) for doc, score in zip(doc_ids, doc_scores)}
+    if ranked_doc_ids is not None and any(g > 0 for g in grades.values()):
+        docs = document_ranking(ranked_doc_ids)
+        relevant = [doc for doc, g in grades.items() if g > 0]
+        out[f"ndcg@{NDCG_K}"] = ndcg_at_k(docs, grades, NDCG_K)
+        out[f"doc_recall@{DOC_RECALL_K}"] = recall_at_k(docs, relevant, DOC_RECALL_K)
+    return out
+
+
+def metric_names(questions: Iterable[Mapping[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The metrics these questions can be scored by (answers, gold passages, judged documents)."""
+    questions = list(questions)
+    names = []
+    if any(q["answers"] for q in questions):
+        names += [f"accuracy@{k}" for k in ks]
+    if any(q["positive_ids"] for q in questions):
+        names += [f"recall@{k}" for k in ks] + [f"mrr@{MRR_K}"]
+    if any(grade > 0 for q in questions for grade in q["doc_scores"]):
+        names += [f"ndcg@{NDCG_K}", f"doc_recall@{DOC_RECALL_K}"]
+    return names
+
+
+def default_metric(names: Sequence[str]) -> str:
+    """Top-20 accuracy when questions have answers, else nDCG@10 on judged documents, else recall@20."""
+    return next((name for name in ("accuracy@20", "ndcg@10", "recall@20") if name in names), "accuracy@20")
+
+
 # --- accumulation over questions ---------------------------------------------------------------------
 
 
@@ -103,40 +155,22 @@ class RetrievalMetrics:
     def _add(self, key: str, value: float) -> None:
         self._sums[key] = self._sums.get(key, 0.0) + value
 
-    def add(
-        self,
-        ranked_ids: Sequence[str],
-        *,
-        has_answers: bool = False,
-        answer_rank: int | None = None,
-        positive_ids: Sequence[str] = (),
-        ranked_doc_ids: Sequence[str] | None = None,
-        doc_ids: Sequence[str] = (),
-        doc_scores: Sequence[float] = (),
-    ) -> None:
-        """One question: its ranked passage ids and what is known to be right for it.
+    def add(self, ranked_ids: Sequence[str], **judgement: Any) -> dict[str, float]:
+        """One question: its ranked passage ids and what is known to be right for it; returns its scores.
 
-        ``answer_rank`` is the 1-based rank of the first passage containing an answer (None: none
-        does); it counts only when ``has_answers``. ``ranked_doc_ids`` gives each ranked passage's
-        document, needed for the document-level metrics.
+        ``judgement`` holds :func:`question_scores`' keywords: ``has_answers`` and ``answer_rank`` (the
+        1-based rank of the first passage containing an answer, None: none does), ``positive_ids``,
+        ``ranked_doc_ids`` (each ranked passage's document, for the document-level metrics), ``doc_ids``
+        and ``doc_scores``.
         """
+        scores = question_scores(ranked_ids, self.ks, **judgement)
         self.questions += 1
-        if has_answers:
-            self.with_answers += 1
-            for k in self.ks:
-                self._add(f"accuracy@{k}", float(answer_rank is not None and answer_rank <= k))
-        if positive_ids:
-            self.with_positives += 1
-            for k in self.ks:
-                self._add(f"recall@{k}", recall_at_k(ranked_ids, positive_ids, k))
-            self._add(f"mrr@{MRR_K}", reciprocal_rank(ranked_ids, positive_ids, MRR_K))
-        grades = {doc: float(score) for doc, score in zip(doc_ids, doc_scores)}
-        if ranked_doc_ids is not None and any(g > 0 for g in grades.values()):
-            self.with_judgments += 1
-            docs = document_ranking(ranked_doc_ids)
-            relevant = [doc for doc, g in grades.items() if g > 0]
-            self._add(f"ndcg@{NDCG_K}", ndcg_at_k(docs, grades, NDCG_K))
-            self._add(f"doc_recall@{DOC_RECALL_K}", recall_at_k(docs, relevant, DOC_RECALL_K))
+        self.with_answers += f"accuracy@{self.ks[0]}" in scores
+        self.with_positives += f"mrr@{MRR_K}" in scores
+        self.with_judgments += f"ndcg@{NDCG_K}" in scores
+        for key, value in scores.items():
+            self._add(key, value)
+        return scores
 
     def merge(self, other: "RetrievalMetrics") -> None:
         """Add another accumulator's questions (e.g. from a worker process) to this one."""
@@ -357,6 +391,42 @@ def load_questions(ingest_dir: Path, split: str) -> Any:
     return datasets.load_from_disk(str(path))
 
 
+def question_record(
+    question: Mapping[str, Any], ranked_ids: Sequence[str], answer_rank: int | None,
+    ranked_doc_ids: Sequence[str], scores: Mapping[str, float],
+) -> dict[str, Any]:
+    """One question's line of ``per_question/<run>.<split>.jsonl``: where the right passages ranked.
+
+    ``answer_rank`` / ``answer_hit@k`` when the question has answers; ``gold_rank`` (first gold passage),
+    ``gold_ranks`` (every gold passage retrieved), ``gold_passages`` and ``gold_hit@k`` when it has gold
+    passages; ``relevant_doc_ranks`` (document ranking) and ``relevant_docs`` when it has judged documents;
+    then its metric values (``recall@k``, ``mrr@10``, ``ndcg@10``, ``doc_recall@100``). Ranks are 1-based;
+    null: not retrieved (answers are looked for in the top 100 or the deepest cut-off, if deeper).
+    """
+    record: dict[str, Any] = {"id": question["id"], "retrieved": len(ranked_ids)}
+    accuracy = {key: value for key, value in scores.items() if key.startswith("accuracy@")}
+    if accuracy:
+        record["answer_rank"] = answer_rank
+        record.update({f"answer_hit@{key.partition('@')[2]}": bool(value) for key, value in accuracy.items()})
+    positives = set(question["positive_ids"] or [])
+    if positives:
+        ranks = [rank for rank, pid in enumerate(ranked_ids, start=1) if pid in positives]
+        record.update(gold_rank=ranks[0] if ranks else None, gold_ranks=ranks, gold_passages=len(positives))
+        cutoffs = [int(key.partition("@")[2]) for key in scores if key.startswith("recall@")]
+        record.update({f"gold_hit@{k}": bool(ranks) and ranks[0] <= k for k in cutoffs})
+    if f"ndcg@{NDCG_K}" in scores:
+        relevant = {doc for doc, grade in zip(question["doc_ids"], question["doc_scores"]) if grade > 0}
+        docs = document_ranking(ranked_doc_ids)
+        record["relevant_doc_ranks"] = [rank for rank, doc in enumerate(docs, start=1) if doc in relevant]
+        record["relevant_docs"] = len(relevant)
+    record.update({key: value for key, value in scores.items() if key not in accuracy})
+    return record
+
+
+ANSWER_DEPTH = 100
+"""Answers are looked for at least this deep, so per-question ranks and the top-k plot reach k = 100."""
+
+
 def evaluate_run(
     run_path: Path,
     questions: Any,
@@ -364,8 +434,13 @@ def evaluate_run(
     ks: Sequence[int] = DEFAULT_KS,
     match_type: MatchType = "string",
     progress: Any = None,
+    on_question: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float | int]:
-    """Metrics of one TREC run file against one questions split, streaming both."""
+    """Metrics of one TREC run file against one questions split, streaming both.
+
+    ``on_question`` receives each question's :func:`question_record` (in run order, then the questions
+    the run lacks).
+    """
     import numpy as np
 
     from .runs import iter_trec
@@ -374,19 +449,23 @@ def evaluate_run(
     seen = np.zeros(len(row_of), dtype=bool)
     metrics = RetrievalMetrics(ks)
     matcher = AnswerMatcher(passages, match_type)
-    depth = max(metrics.ks)
+    depth = max(max(metrics.ks), ANSWER_DEPTH)
 
     def score(question: Mapping[str, Any], rows: list[int], ranked: list[str]) -> None:
         answers = list(question["answers"] or [])
-        metrics.add(
+        answer_rank = matcher.first_rank(answers, rows[:depth]) if answers else None
+        ranked_docs = passages.doc_ids_at(rows) if rows else []
+        scores = metrics.add(
             ranked,
             has_answers=bool(answers),
-            answer_rank=matcher.first_rank(answers, rows[:depth]) if answers else None,
+            answer_rank=answer_rank,
             positive_ids=list(question["positive_ids"] or []),
-            ranked_doc_ids=passages.doc_ids_at(rows) if rows else [],
+            ranked_doc_ids=ranked_docs,
             doc_ids=list(question["doc_ids"] or []),
             doc_scores=list(question["doc_scores"] or []),
         )
+        if on_question is not None:
+            on_question(question_record(question, ranked, answer_rank, ranked_docs, scores))
 
     for ranking in iter_trec(run_path):
         row = row_of.get(ranking.question_id)
@@ -405,44 +484,43 @@ def evaluate_run(
 
 
 def run(cfg: EvaluateConfig) -> Manifest:
-    """Score every run in ``cfg.artifact``/runs against the ingest questions; write ``metrics.json``."""
+    """Score one or several runs against the ingest questions; write metrics, per-question results, a plot.
+
+    With one run ``metrics.json`` maps split -> metrics; with several, run name -> split -> metrics.
+    """
     from tqdm.auto import tqdm
 
+    from .comparison import TopKCurves, plot_topk, question_log, resolve_runs
     from .config import as_dict
 
-    source = Path(cfg.artifact)
-    manifest = Manifest.load(source)
-    runs_dir = source / "runs"
-    if not runs_dir.is_dir():
-        raise RagkitError(
-            f"{source}: is a stage '{manifest.stage}' artifact with no runs/ folder, evaluate needs one that holds runs "
-            f"(pass the output directory of `ragkit mine` or `ragkit index`)"
-        )
-    manifest = read_upstream(source, manifest.stage)
-    ingest_dir = Path(cfg.ingest) if cfg.ingest else find_ingest(manifest)
+    sources, ingest_dir, splits = resolve_runs(cfg.runs, cfg.ingest, cfg.splits)
     ingest = read_upstream(ingest_dir, "ingest")
-
-    available = sorted(p.stem for p in runs_dir.glob("*.trec"))
-    splits = list(cfg.splits) or available
-    for split in splits:
-        if split not in available:
-            raise RagkitError(f"{runs_dir}: has no run for split '{split}' (runs: {', '.join(available) or 'none'})")
-
     passages = PassageLookup.open(ingest_dir)
-    metrics: dict[str, dict[str, float | int]] = {}
+    metrics: dict[str, dict[str, dict[str, float | int]]] = {source.name: {} for source in sources}
+    curves: dict[str, dict[str, TopKCurves]] = {source.name: {} for source in sources}
+    files: dict[str, str] = {"metrics": "metrics.json"}
     with staged_output(cfg.out, cfg.overwrite) as tmp:
+        (tmp / "per_question").mkdir()
         for split in splits:
             questions = load_questions(ingest_dir, split)
-            with tqdm(total=len(questions), desc=f"evaluate {split}", unit="q", leave=False) as bar:
-                metrics[split] = evaluate_run(runs_dir / f"{split}.trec", questions, passages, cfg.ks, cfg.match_type, bar)
-        write_json_atomic(tmp / "metrics.json", metrics)
+            for source in sources:
+                name = f"per_question/{source.name}.{split}.jsonl"
+                curve = curves[source.name][split] = TopKCurves()
+                with question_log(tmp / name, curve) as on_question, \
+                        tqdm(total=len(questions), desc=f"evaluate {source.name} {split}", unit="q", leave=False) as bar:
+                    metrics[source.name][split] = evaluate_run(
+                        source.runs[split], questions, passages, cfg.ks, cfg.match_type, bar, on_question)
+                files[f"per_question/{source.name}.{split}"] = name
+        files["plot"] = plot_topk(curves, tmp / "topk.png").name
+        layout: dict[str, Any] = metrics[sources[0].name] if len(sources) == 1 else metrics
+        write_json_atomic(tmp / "metrics.json", layout)
         result = Manifest(
             stage="evaluate",
             config=as_dict(cfg),
-            inputs=[artifact_input(source, manifest), artifact_input(ingest_dir, ingest)],
-            counts={"questions": {split: m["questions"] for split, m in metrics.items()}},
-            metrics=metrics,
-            files={"metrics": "metrics.json"},
+            inputs=[source.input() for source in sources] + [artifact_input(ingest_dir, ingest)],
+            counts={"questions": {split: metrics[sources[0].name][split]["questions"] for split in splits}},
+            metrics=layout,
+            files=files,
         )
         result.save(tmp)
     result.path = Path(cfg.out)
@@ -457,11 +535,29 @@ def _column(key: str) -> tuple[int, int, str]:
     return order.index(name), int(k), headers[name]
 
 
+def _aligned(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows)
+
+
 def format_table(metrics: Mapping[str, Mapping[str, float | int]]) -> str:
     """A plain-text table, one row per split, one column per metric any split has."""
     keys = sorted({k for m in metrics.values() for k in m if "@" in k}, key=_column)
     header = ["split", "questions"] + [_column(k)[2] for k in keys]
     rows = [[split, str(m["questions"])] + [f"{m[k]:.4f}" if k in m else "-" for k in keys] for split, m in metrics.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
-    return "\n".join(lines)
+    return _aligned([header, *rows])
+
+
+def format_comparison(metrics: Mapping[str, Mapping[str, Mapping[str, float | int]]]) -> str:
+    """One table per split: a row per metric, a column per run (``metrics[run][split][metric]``)."""
+    runs = list(metrics)
+    splits = list(dict.fromkeys(split for by_split in metrics.values() for split in by_split))
+    blocks = []
+    for split in splits:
+        cells = {run: metrics[run].get(split, {}) for run in runs}
+        keys = sorted({k for m in cells.values() for k in m if "@" in k}, key=_column)
+        questions = next((m["questions"] for m in cells.values() if "questions" in m), 0)
+        rows = [[key, *(f"{cells[run][key]:.4f}" if key in cells[run] else "-" for run in runs)] for key in keys]
+        blocks.append(_aligned([[f"{split} ({questions} questions)", *runs], *rows]))
+    return "\n\n".join(blocks)

@@ -47,6 +47,7 @@ from .bm25 import BM25Index, Tokenizer
 from .errors import RagkitError
 from .evaluation import DEFAULT_KS, AnswerMatcher, PassageLookup, RetrievalMetrics, load_questions
 from .runs import TrecWriter, format_trec
+from .workers import process_pool
 
 if TYPE_CHECKING:
     from .config import MineConfig
@@ -396,15 +397,9 @@ def _start_workers(workers: int, miner_args: tuple) -> ProcessPoolExecutor:
 
     On Linux they are forked (cheap, and needs no ``if __name__ == "__main__"`` guard in the caller's
     script); forking is only safe while no other thread holds a lock, hence before the BM25 top-k
-    threads and progress bars exist. Elsewhere they are spawned.
+    threads and progress bars exist. Elsewhere they are spawned. Either way they exit if this process dies.
     """
-    import multiprocessing
-    import sys
-
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=miner_args
-    )
+    executor = process_pool(workers, _init_worker, miner_args)
     executor.submit(int).result()  # with fork, the first task starts every worker
     return executor
 

@@ -1,7 +1,14 @@
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import ragkit
+from ragkit import artifacts
 from ragkit.artifacts import (
     SCHEMA_VERSION,
     Manifest,
@@ -9,6 +16,7 @@ from ragkit.artifacts import (
     file_input,
     hash_path,
     read_upstream,
+    remove_stale_staging,
     staged_output,
     write_json_atomic,
 )
@@ -92,3 +100,86 @@ def test_hashes_follow_content(tmp_path):
     assert file_input(tmp_path / "d", "corpus")["sha256"] == before
     (tmp_path / "d" / "x").write_text("2")
     assert hash_path(tmp_path / "d") != before
+
+
+# --- leftovers of killed runs ------------------------------------------------------------------------
+
+needs_flock = pytest.mark.skipif(artifacts.fcntl is None, reason="no flock on this platform")
+
+HOLD_STAGING = """
+import sys
+from ragkit.artifacts import staged_output
+
+with staged_output(sys.argv[1]) as tmp:
+    (tmp / "part.txt").write_text("half")
+    print(tmp, flush=True)
+    sys.stdin.read()
+"""
+
+
+def _names(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@needs_flock
+def test_only_leftovers_of_dead_runs_are_removed(tmp_path, caplog):
+    # Run 0badc0de died before it wrote a lock (or came from a ragkit without locks): nothing owns it.
+    (tmp_path / ".a.tmp-0badc0de").mkdir()
+    (tmp_path / ".a.tmp-0badc0de" / "half.bin").write_bytes(b"x" * 10)
+    # Run 12345678 was killed during its final rename: both directories, and a lock nobody holds.
+    (tmp_path / ".a.tmp-12345678").mkdir()
+    (tmp_path / ".a.old-12345678").mkdir()
+    (tmp_path / ".a.lock-12345678").write_text(json.dumps({"pid": 4242, "host": "box"}))
+    (tmp_path / ".a.lock-9abcdef0").write_text("")  # a lock whose run died before making its directory
+    kept = ["a", ".a.work", ".a.tmp-notanid", ".b.tmp-12345678", ".a.b.tmp-12345678", ".a.tmp-87654321"]
+    for name in kept[:-1]:
+        (tmp_path / name).mkdir()
+    (tmp_path / kept[-1]).write_text("a file, not a staging directory")
+    with caplog.at_level(logging.WARNING, logger="ragkit.artifacts"):
+        removed = remove_stale_staging(tmp_path / "a")
+    assert sorted(p.name for p in removed) == [".a.old-12345678", ".a.tmp-0badc0de", ".a.tmp-12345678"]
+    assert _names(tmp_path) == sorted(kept)
+    assert len(caplog.records) == 1 and "4242 on box" in caplog.records[0].getMessage()
+    caplog.clear()
+    assert remove_stale_staging(tmp_path / "a") == [] and not caplog.records
+
+
+@needs_flock
+def test_a_concurrent_run_into_the_same_output_keeps_the_live_staging_dir(tmp_path):
+    out = tmp_path / "a"
+    with staged_output(out) as outer:
+        (outer / "data.txt").write_text("outer")
+        assert remove_stale_staging(out) == []
+        with staged_output(out) as inner:  # cleans up first: the outer run holds its lock, so it stays
+            assert outer.is_dir() and inner != outer
+            Manifest(stage="mine").save(inner)
+        assert (outer / "data.txt").read_text() == "outer"
+        assert Manifest.load(out).stage == "mine"
+        Manifest(stage="ingest").save(outer)
+    assert Manifest.load(out).stage == "ingest" and (out / "data.txt").read_text() == "outer"
+    assert _names(tmp_path) == ["a"]
+
+
+@needs_flock
+def test_staging_dir_of_a_killed_process_is_removed_by_the_next_run(tmp_path, caplog):
+    out = tmp_path / "a"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(ragkit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_STAGING, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        staging = Path(holder.stdout.readline().strip())
+        assert staging.parent == tmp_path and (staging / "part.txt").is_file()
+        assert remove_stale_staging(out) == []  # another process holds its lock: alive
+        assert staging.is_dir()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+        holder.stdin.close()
+    assert staging.is_dir()  # kill -9: nothing ran to remove it
+    with caplog.at_level(logging.WARNING, logger="ragkit.artifacts"):
+        with staged_output(out) as tmp:
+            Manifest(stage="ingest").save(tmp)
+    assert _names(tmp_path) == ["a"]
+    assert [r.getMessage().count(staging.name) for r in caplog.records] == [1]
+    assert f"pid {holder.pid} on " in caplog.records[0].getMessage()

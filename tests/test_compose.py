@@ -26,8 +26,8 @@ from ragkit.retriever.distributed import cleanup_distributed, global_loss, init_
 from ragkit.retriever.encoder import BiEncoder
 from ragkit.retriever.gradcache import GradCache, full_batch_step
 from ragkit.retriever.losses import DIRECTIONS, ContrastiveLoss
-from ragkit.retriever.negative_cache import cache_loss
-from ragkit.retriever.trainer import NegativeCacheStep
+from ragkit.retriever.negative_cache.estimator import cache_loss
+from ragkit.retriever.negative_cache.step import NegativeCacheStep
 
 WORLD = 2
 BATCH, GROUP = 6, 3  # 6 queries, each with a positive and 2 hard negatives

@@ -198,3 +198,85 @@ def test_passage_lookup_reads_by_row_and_id(small_ingest):
     assert lookup.text("A#1") == "more about the city" and lookup.doc_id("B") == "B"
     with pytest.raises(RagkitError, match="'nope' is not in"):
         lookup.rows(["nope"])
+
+
+def test_several_runs_side_by_side(tmp_path, small_ingest):
+    from ragkit.comparison import TopKCurves
+    from ragkit.evaluation import format_comparison
+
+    first = make_run_artifact(tmp_path / "mine", small_ingest, {"test": {"q1": ["A#1", "A#0"], "q2": ["B", "A#0"]}})
+    second = make_run_artifact(tmp_path / "index", small_ingest, {"test": {"q1": ["A#0"], "q2": ["A#0", "B"], "q3": ["B"]}},
+                               stage="index")
+    loose = tmp_path / "loose" / "test.trec"
+    loose.parent.mkdir()
+    loose.write_text((second / "runs" / "test.trec").read_text())
+    out = tmp_path / "eval"
+    manifest = run(EvaluateConfig(runs=[str(first), f"dense={second}", f"file={loose}"], out=str(out), ks=[1, 2]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["mine", "dense", "file"] and manifest.metrics == metrics
+    single = run(EvaluateConfig(artifact=str(first), out=str(tmp_path / "single"), ks=[1, 2])).metrics
+    assert metrics["mine"] == single  # the one-run layout is split -> metrics, the same numbers
+    dense = metrics["dense"]["test"]
+    # q1: answer and gold A#0 at rank 1; q2: answer "berlin" (B) at rank 2; q3: gold B at rank 1, no "rome".
+    assert dense["accuracy@1"] == pytest.approx(1 / 3) and dense["accuracy@2"] == pytest.approx(2 / 3)
+    assert dense["recall@1"] == 1.0 and dense["mrr@10"] == 1.0 and dense["questions_without_results"] == 0
+    assert metrics["file"] == metrics["dense"]
+    assert {i.get("run") for i in manifest.inputs} == {"mine", "dense", "file", None}
+
+    records = [json.loads(line) for line in (out / "per_question" / "mine.test.jsonl").read_text().splitlines()]
+    q1, q3 = records[0], records[2]
+    assert q1["id"] == "q1" and q1["answer_rank"] == 2 and q1["answer_hit@1"] is False and q1["answer_hit@2"] is True
+    assert q1["gold_rank"] == 2 and q1["gold_ranks"] == [2] and q1["gold_hit@1"] is False
+    assert q1["relevant_doc_ranks"] == [1] and q1["ndcg@10"] == 1.0  # document A ranks first through A#1
+    assert q3 == {"id": "q3", "retrieved": 0, "answer_rank": None, "answer_hit@1": False, "answer_hit@2": False,
+                  "gold_rank": None, "gold_ranks": [], "gold_passages": 1, "gold_hit@1": False, "gold_hit@2": False,
+                  "recall@1": 0.0, "recall@2": 0.0, "mrr@10": 0.0}
+    assert (out / "topk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "single" / "per_question" / "mine.test.jsonl").is_file()
+
+    # The plotted curve equals top-k accuracy at the reported cut-offs.
+    for name in metrics:
+        curves = TopKCurves()
+        for line in (out / "per_question" / f"{name}.test.jsonl").read_text().splitlines():
+            curves.add(json.loads(line))
+        label, values = curves.curve()
+        assert label == "top-k accuracy" and len(values) == 100
+        assert values[[0, 1]] == pytest.approx([metrics[name]["test"]["accuracy@1"], metrics[name]["test"]["accuracy@2"]])
+
+    table = format_comparison(metrics).splitlines()
+    assert table[0].split() == ["test", "(3", "questions)", "mine", "dense", "file"]
+    assert table[1].split() == ["accuracy@1", "0.3333", "0.3333", "0.3333"]
+
+
+def test_topk_curves_for_passage_and_document_recall():
+    from ragkit.comparison import TopKCurves
+
+    curves = TopKCurves(max_k=4)
+    curves.add({"gold_ranks": [1, 3], "gold_passages": 2, "relevant_doc_ranks": [2], "relevant_docs": 1})
+    curves.add({"gold_ranks": [], "gold_passages": 1, "relevant_doc_ranks": [5], "relevant_docs": 2})
+    label, values = curves.curve()
+    assert label == "passage recall@k" and values.tolist() == pytest.approx([0.25, 0.25, 0.5, 0.5])
+    curves.counts["gold"] = 0
+    label, values = curves.curve()
+    assert label == "document recall@k" and values.tolist() == pytest.approx([0.0, 0.5, 0.5, 0.5])
+
+
+def test_several_runs_refusals(tmp_path, small_ingest):
+    first = make_run_artifact(tmp_path / "a" / "mine", small_ingest, {"test": {"q1": ["B"]}})
+    twin = make_run_artifact(tmp_path / "b" / "mine", small_ingest, {"test": {"q1": ["B"]}})
+    out = str(tmp_path / "eval")
+    with pytest.raises(RagkitError, match=r"two runs are named 'mine' \(name them apart: NAME=path\)"):
+        run(EvaluateConfig(runs=[str(first), str(twin)], out=out))
+    other = make_run_artifact(tmp_path / "other", make_ingest(tmp_path / "ingest2", [], {}), {"dev": {}})
+    with pytest.raises(RagkitError, match=r"was made from ingest artifact .*ingest2.*compare runs of one ingest artifact"):
+        run(EvaluateConfig(runs=[str(first), str(other)], out=out))
+    with pytest.raises(RagkitError, match=r"the runs share no split"):
+        run(EvaluateConfig(runs=[str(first), str(other)], out=out, ingest=str(small_ingest)))
+    loose = tmp_path / "bm25-run.trec"
+    loose.write_text("q1 Q0 B 1 1.0 t\n")
+    with pytest.raises(RagkitError, match=r"cannot tell which split this run file covers"):
+        run(EvaluateConfig(runs=[str(first), f"x={loose}"], out=out))
+    manifest = run(EvaluateConfig(runs=[str(first), f"x={loose}"], out=out, splits=["test"]))
+    assert list(manifest.metrics) == ["mine", "x"]
+    with pytest.raises(RagkitError, match=r"run name 'a b' may hold only"):
+        run(EvaluateConfig(runs=[f"a b={loose}"], out=out, ingest=str(small_ingest), splits=["test"], overwrite=True))

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
 
 from ragkit.evaluation import PassageLookup, retrieval_metrics
 from ragkit.retriever.encoder import BiEncoder, load_tokenizer, tokenize_passages, tokenize_queries
-from ragkit.retriever.trainer import DevEvaluation
+from ragkit.retriever.dev_evaluation import DevEvaluation
 
 from indexing_data import brute_force, write_ingest, write_tiny_model
 

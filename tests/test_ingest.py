@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ragkit import corpus, ingest
+from ragkit import ingest
 from ragkit.artifacts import Manifest, hash_path
 from ragkit.cli import app
-from ragkit.corpus import carve_dev, detect_format, infer_split, passage_ids, window_ranges
+from ragkit.ingestion import carve_dev, detect_format, files, infer_split, passage_ids, window_ranges, writers
 from ragkit.errors import RagkitError
 
 
@@ -134,8 +134,8 @@ def test_json_array_items_across_tiny_read_chunks(tmp_path, monkeypatch):
     body = "[\n" + ",\n".join(json.dumps(item, indent=1, ensure_ascii=False) for item in items) + "\n]\n"
     path = tmp_path / "r.json"
     path.write_text(body, encoding="utf-8")
-    monkeypatch.setattr(corpus, "_READ_CHUNK", 7)  # every item spans many reads; "é" is split across reads
-    got = list(corpus._json_array_items(path))
+    monkeypatch.setattr(files, "_READ_CHUNK", 7)  # every item spans many reads; "é" is split across reads
+    got = list(files.json_array_items(path))
     assert [item for _, item in got] == items
     starts = [i + 1 for i, line in enumerate(body.split("\n")) if line.startswith("{")]
     assert [line for line, _ in got] == starts
@@ -144,12 +144,12 @@ def test_json_array_items_across_tiny_read_chunks(tmp_path, monkeypatch):
 def test_digest_set_matches_a_python_set():
     rng = random.Random(0)
     members: set[str] = set()
-    seen = corpus._DigestSet()
+    seen = writers.DigestSet()
     for _ in range(40):
         keys = [str(rng.randrange(3000)) for _ in range(rng.randrange(1, 120))]
-        digests = np.array([corpus._digest(k) for k in keys], dtype="S16")
+        digests = np.array([writers.digest(k) for k in keys], dtype="S16")
         assert seen.contains(digests).tolist() == [k in members for k in keys]
-        new = {corpus._digest(k) for k in keys if k not in members}
+        new = {writers.digest(k) for k in keys if k not in members}
         seen.add(np.array(sorted(new), dtype="S16"))
         members.update(keys)
     assert len(seen) == len(members)
@@ -157,10 +157,10 @@ def test_digest_set_matches_a_python_set():
 
 
 def test_passage_writer_shards_load_as_one_dataset(tmp_path):
-    writer = corpus._PassageWriter(tmp_path / "passages", shard_chars=15)
+    writer = writers.PassageWriter(tmp_path / "passages", shard_chars=15)
     rows = [{"id": f"p{i}", "title": "t", "text": words(0, i + 1), "doc_id": f"d{i}"} for i in range(12)]
     for batch in (rows[:5], rows[5:6], rows[6:]):
-        writer.write({name: [r[name] for r in batch] for name in corpus.PASSAGE_COLUMNS})
+        writer.write({name: [r[name] for r in batch] for name in writers.PASSAGE_COLUMNS})
     writer.close()
     assert sorted(p.name for p in (tmp_path / "passages").glob("*.arrow")) == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
     loaded = datasets.load_from_disk(str(tmp_path / "passages"))
@@ -434,5 +434,5 @@ def test_cli_writes_the_artifact_and_manifest(tmp_path):
     assert manifest.files == {"passages": "passages", "questions/dev": "questions/dev"}
     assert [(i["role"], i["sha256"]) for i in manifest.inputs] == [("passages", hash_path(psgs)), ("questions", hash_path(qas))]
     assert manifest.counts["questions"] == {"dev": 2}
-    assert load(out, "passages").features == corpus.passage_features()
-    assert load(out, "questions/dev").features == corpus.question_features()
+    assert load(out, "passages").features == writers.passage_features()
+    assert load(out, "questions/dev").features == writers.question_features()

@@ -110,9 +110,15 @@ CASES = {
     "non-UTF-8 retriever JSON": (
         lambda t: ([psgs(t, "1\tx\tt"), write(t / "r.json", b'[{"question": "q",\n"answers": ["\xc3"]}]')], ["--format", "dpr"]),
         "r.json", "r.json:2: not valid UTF-8"),
-    "SQuAD span that misses its context": (
-        lambda t: ([squad(t, [{"id": "q7", "question": "what?", "answers": [{"text": "brown", "answer_start": 3}]}])], []),
+    "SQuAD span that misses its context, --strict": (
+        lambda t: ([squad(t, [{"id": "q7", "question": "what?", "answers": [{"text": "brown", "answer_start": 3}]}])], ["--strict"]),
         "squad.json", "question 'q7': answer 'brown' does not match its context at answer_start=3"),
+    "SQuAD answer nowhere near its offset": (
+        lambda t: ([squad(t, [{"id": "q8", "question": "what?", "answers": [{"text": "fox", "answer_start": 4}]},
+                              {"id": "q9", "question": "who?", "answers": [{"text": "wolf", "answer_start": 4}]}],
+                          context="the quick brown fox" + " jumps" * 20 + " fox")], []),
+        "squad.json", "question 'q9': answer 'wolf' does not match its context at answer_start=4 (the context there "
+                      "reads 'quic') and does not occur within 32 characters of it; fix the offset or the text"),
     "qrels naming an unknown document": (
         lambda t: ([beir(t, "q1\td1\t1\nq1\td9\t1\n")], []),
         "test.tsv", "test.tsv:3: document 'd9' is not in the corpus"),

@@ -14,17 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
-from ragkit.retriever import negative_cache
-from ragkit.retriever.negative_cache import (
-    NegativeCache,
-    build_cache_mask,
-    cache_loss,
-    distributed_draw,
-    gumbel_max_sample,
-    refresh_drawn,
-    sharded_gumbel_max_sample,
-    staleness,
-)
+from ragkit.retriever.negative_cache import sampling, store
+from ragkit.retriever.negative_cache.estimator import cache_loss, staleness
+from ragkit.retriever.negative_cache.masks import build_cache_mask
+from ragkit.retriever.negative_cache.sampling import gumbel_max_sample, sharded_gumbel_max_sample
+from ragkit.retriever.negative_cache.sharded import distributed_draw, refresh_drawn
+from ragkit.retriever.negative_cache.store import NegativeCache
 
 SEED = 1234
 
@@ -56,7 +51,7 @@ def _tokens(count: int, max_length: int, generator: torch.Generator):
 @pytest.mark.parametrize("noise_elements", [None, 30_000])
 def test_gumbel_max_matches_softmax(noise_elements, monkeypatch):
     if noise_elements is not None:  # many small noise blocks instead of one
-        monkeypatch.setattr(negative_cache, "_NOISE_ELEMENTS", noise_elements)
+        monkeypatch.setattr(sampling, "_NOISE_ELEMENTS", noise_elements)
     logits = torch.linspace(-1.5, 1.5, 10)[torch.randperm(10, generator=torch.Generator().manual_seed(0))]
     draws = gumbel_max_sample(logits[None], 40_000, torch.Generator().manual_seed(SEED))
     assert draws.shape == (1, 40_000)
@@ -229,7 +224,7 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("similarity", ["dot", "cos"])
 def test_scores_match_a_direct_computation(dtype, similarity, monkeypatch):
-    monkeypatch.setattr(negative_cache, "_SCORE_CHUNK_ROWS", 3)  # 7 entries: blocks of 3, 3 and 1
+    monkeypatch.setattr(store, "_SCORE_CHUNK_ROWS", 3)  # 7 entries: blocks of 3, 3 and 1
     generator = torch.Generator().manual_seed(SEED)
     cache = NegativeCache(10, 4, 3, dtype=dtype)
     embeddings = torch.randn(7, 4, generator=generator) * 3

@@ -154,6 +154,19 @@ def test_check_passes_fails_and_reports_missing_metric(tmp_path):
     assert "MISSING" in check.format_outcomes(outcomes)
 
 
+def test_scores_of_one_run_in_a_multi_run_metrics_file(tmp_path):
+    # `ragkit evaluate A B` writes metrics[run][split][metric]; `run = "..."` picks a column.
+    text = RECIPE.replace('split = "dev"\nmetric = "ndcg@10"\nexpected = 0.50', 'run = "hybrid"\nsplit = "dev"\nmetric = "ndcg@10"\nexpected = 0.50')
+    recipe = check.load_recipe(write_recipe(tmp_path, text))
+    assert [e.run for e in recipe.stage("bm25").expectations] == ["hybrid", None]
+    work = tmp_path / "work"
+    write_artifacts(work)
+    (work / "eval" / "metrics.json").write_text(json.dumps({"bm25": {"dev": {"ndcg@10": 0.4}}, "hybrid": {"dev": {"ndcg@10": 0.505}}}))
+    outcomes, _ = check.check(recipe, work, ["bm25"])
+    assert [(o.expectation.name, o.status, o.got) for o in outcomes] == [("ndcg@10", "OK", 0.505), ("mrr@10", "MISSING", None)]
+    assert "hybrid:dev" in check.format_outcomes(outcomes)
+
+
 def test_missing_files_are_one_line_each(tmp_path):
     recipe = check.load_recipe(write_recipe(tmp_path))
     work = tmp_path / "work"

@@ -23,9 +23,11 @@ from ragkit.evaluation import PassageLookup
 from ragkit.retriever.data import BatchCollator, ResumableBatchSampler, RetrievalExamples
 from ragkit.retriever.encoder import BiEncoder, load_tokenizer, tokenize_passages
 from ragkit.retriever.losses import ContrastiveLoss
-from ragkit.retriever.negative_cache import staleness
-from ragkit.retriever.trainer import (STATE_FILE, DevEvaluation, NegativeCacheStep, latest_checkpoint,
-                                     parameter_groups, run, warmup_linear_decay, work_dir_for)
+from ragkit.retriever.checkpoints import STATE_FILE, latest_checkpoint
+from ragkit.retriever.dev_evaluation import DevEvaluation
+from ragkit.retriever.negative_cache.estimator import staleness
+from ragkit.retriever.negative_cache.step import NegativeCacheStep
+from ragkit.retriever.trainer import parameter_groups, run, warmup_linear_decay, work_dir_for
 
 TOPICS = 24
 WORDS_PER_TOPIC = 6

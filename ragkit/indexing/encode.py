@@ -21,7 +21,7 @@ Sharding and resuming large encodings is :mod:`ragkit.indexing.shards`' job; it 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RagkitError
-from ..retriever.encoder import BiEncoder, tokenize_passages, tokenize_queries
+from ..retriever.encoder import BiEncoder, autocast, tokenize_passages, tokenize_queries
 
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.txt"
@@ -44,8 +44,12 @@ _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --- device and precision ----------------------------------------------------------------------------
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit CUDA device must exist."""
+def resolve_device(requested: str = "auto", dist_info: Any = None) -> torch.device:
+    """The device to run on: torchrun's per-process device when there are several processes
+    (``dist_info``, a :class:`~ragkit.retriever.distributed.DistInfo`), else ``cuda`` when available for
+    ``auto``; an explicit CUDA device must exist."""
+    if dist_info is not None and dist_info.world_size > 1:
+        return dist_info.device
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -81,11 +85,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def precision_name(dtype: torch.dtype | None) -> str:
     """The name of an autocast dtype as :func:`resolve_precision` takes it (None -> fp32)."""
     return next(name for name, value in _AUTOCAST_DTYPES.items() if value == dtype)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``'s type, or nothing for float32."""
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager

@@ -85,7 +85,7 @@ class IndexBuild:
         if (model_dir / MANIFEST).is_file():
             self.inputs.insert(0, artifact_input(model_dir, read_upstream(model_dir, "train-retriever")))
         self.splits = self._splits()
-        self.device = dist_info.device if dist_info.world_size > 1 else resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, dist_info)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.model, self.tokenizer, self.settings = load_encoder(cfg.model, cfg.similarity, cfg.query_max_length,
                                                                  cfg.passage_max_length)

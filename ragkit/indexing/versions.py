@@ -33,15 +33,14 @@ import datetime as _dt
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..artifacts import file_input, read_upstream, write_json_atomic, write_text_atomic
-from ..corpus import _jsonl_records, _lines
+from ..artifacts import file_input, read_upstream, staged_output, write_json_atomic, write_text_atomic
 from ..errors import RagkitError, located
+from ..ingestion.files import jsonl_records, read_lines
 from ..retriever.distributed import main_process_logger
 from .encode import EMBEDDINGS_FILE, IDS_FILE, PassageTexts, encode_passages, open_embeddings, read_ids
 from .faiss_index import FaissIndex, build_index
@@ -284,12 +283,12 @@ def read_changes(add: str | None, replace: str | None, delete: str | None) -> Ch
             raise RagkitError(f"{path}: no such file (check the --{kind} path)")
     for kind, path in (("add", add), ("replace", replace)):
         if path:
-            for line_no, row in _jsonl_records(Path(path)):
+            for line_no, row in jsonl_records(Path(path)):
                 passage = _passage(row, path, line_no)
                 _check_new(changes, passage["id"], path, line_no)
                 getattr(changes, kind).append(passage)
     if delete:
-        for line_no, line in _lines(Path(delete)):
+        for line_no, line in read_lines(Path(delete)):
             pid = line.strip()
             if not pid:
                 continue
@@ -324,7 +323,6 @@ def update(cfg: Any) -> IndexVersion:
     """Apply ``cfg.add`` / ``cfg.replace`` / ``cfg.delete`` to the current version of ``cfg.index`` as a new
     version, then make it current (see the module docstring). ``cfg`` is an
     :class:`~ragkit.config.IndexUpdateConfig`. Bad input changes nothing on disk."""
-    from .encode import resolve_device, resolve_precision
     from .fingerprint import load_encoder
 
     artifact = Path(cfg.index)
@@ -333,77 +331,80 @@ def update(cfg: Any) -> IndexVersion:
     changes = read_changes(cfg.add, cfg.replace, cfg.delete)
     if not changes:
         raise RagkitError("nothing to update (pass --add, --replace and/or --delete with a file)")
-    ids = parent.ids()
-    live = parent.live()
+    ids, live = parent.ids(), parent.live()
     row_of = {ids[row]: int(row) for row in np.flatnonzero(live)}
     changes.check_against(row_of)
-    built = parent.encoder
-    new_passages = changes.add + changes.replace
-    model = None
-    if new_passages or cfg.model:
-        model, tokenizer, settings = load_encoder(cfg.model or built.path, built.similarity, built.query_max_length,
-                                                  built.passage_max_length)
+    encoder = None
+    if changes.add or changes.replace or cfg.model:
+        built = parent.encoder
+        *encoder, settings = load_encoder(cfg.model or built.path, built.similarity, built.query_max_length,
+                                          built.passage_max_length)
         settings.check_passages(built, parent.path)
-    _discard_staging(artifact)
 
     name = version_name(max(_version_number(v) for v in list_versions(artifact)) + 1)
-    staging = artifact / VERSIONS / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     final = artifact / VERSIONS / name
-    moved = False
     try:
-        segments = list(parent.info["segments"])
-        for segment in segments:
-            (staging / SEGMENTS / segment).mkdir(parents=True)
-            for file_name in (EMBEDDINGS_FILE, IDS_FILE):
-                _link_or_copy(parent.path / SEGMENTS / segment / file_name, staging / SEGMENTS / segment / file_name)
-        removed = np.array(sorted(row_of[pid] for pid in [r["id"] for r in changes.replace] + changes.delete), dtype=np.int64)
-        live = live.copy()
-        live[removed] = False
-        first_new = len(live)
-        if new_passages:
-            segment = f"{len(segments):04d}"
-            device = resolve_device(cfg.device)
-            model.to(device)
-            encode_passages(model, tokenizer, PassageTexts([r["id"] for r in new_passages], [r["title"] for r in new_passages],
-                                                           [r["text"] for r in new_passages]),
-                            staging / SEGMENTS / segment, built.passage_max_length, batch_size=cfg.batch_size,
-                            autocast_dtype=resolve_precision(cfg.precision, device), dtype=parent.info["dtype"])
-            segments.append(segment)
-            live = np.concatenate([live, np.ones(len(new_passages), dtype=bool)])
-        index = parent.load_index()
-        rebuilt = False
-        if len(removed) and not index.remove(removed):
-            logger.warning("index %s cannot delete vectors: rebuilding it from the %d kept embeddings",
-                           parent.info["factory"], int(live[:first_new].sum()))
-            kept = np.flatnonzero(live[:first_new])
-            index, _ = build_index(parent.info["factory"], parent.embeddings(), kept, parent.info["similarity"],
-                                   rows=kept, train_sample=parent.info["train_sample"])
-            rebuilt = True
-        if new_passages:
-            vectors = open_embeddings(staging / SEGMENTS / segments[-1])
-            index.add(vectors, np.arange(first_new, first_new + len(new_passages)))
-        gone = {r["id"] for r in changes.replace} | set(changes.delete)
-        overlay = [row for pid, row in parent.overlay().items() if pid not in gone] + new_passages
-        # Ids an ingest passage may hold; readers look here only for ids missing from the overlay.
-        deleted = (parent.deleted() | set(changes.delete)) - {r["id"] for r in changes.add}
-        sources = {kind: file_input(path, kind) for kind, path in (("add", cfg.add), ("replace", cfg.replace),
-                                                                   ("delete", cfg.delete)) if path}
-        info = version_info(
-            name, parent.name, encoder=built, factory=parent.info["factory"], similarity=parent.info["similarity"],
-            segments=segments, dtype=parent.info["dtype"], live=live,
-            counts={"added": len(changes.add), "replaced": len(changes.replace), "deleted": len(changes.delete)},
-            changes=sources, rebuilt=rebuilt, train_sample=parent.info["train_sample"],
-        )
-        write_version_files(staging, index=index, live=live, overlay=overlay, deleted=deleted, info=info)
-        os.rename(staging, final)
-        moved = True
+        # Builds .vNNNN.tmp-ID and renames it to vNNNN when complete; a killed update's leftovers go next time.
+        with staged_output(final) as staging:
+            _write_update(staging, name, parent, changes, row_of, live, encoder, cfg)
         set_current(artifact, name)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if moved and current_version(artifact) != name:
+        if final.exists() and current_version(artifact) != name:
             shutil.rmtree(final, ignore_errors=True)
         raise
     return IndexVersion.open(artifact, name)
+
+
+def _write_update(staging: Path, name: str, parent: IndexVersion, changes: Changes, row_of: dict[str, int], live: np.ndarray,
+                  encoder: list[Any] | None, cfg: Any) -> None:
+    """Write version ``name`` = ``parent`` + ``changes`` into ``staging``: segments (the parent's linked, the new
+    passages encoded), live flags, the index with removed rows dropped and new rows added, overlay, info."""
+    from .encode import resolve_device, resolve_precision
+
+    info = parent.info
+    segments = list(info["segments"])
+    for segment in segments:
+        (staging / SEGMENTS / segment).mkdir(parents=True)
+        for file_name in (EMBEDDINGS_FILE, IDS_FILE):
+            _link_or_copy(parent.path / SEGMENTS / segment / file_name, staging / SEGMENTS / segment / file_name)
+    removed = np.array(sorted(row_of[pid] for pid in [r["id"] for r in changes.replace] + changes.delete), dtype=np.int64)
+    live = live.copy()
+    live[removed] = False
+    first_new = len(live)
+    new_passages = changes.add + changes.replace
+    if new_passages:
+        model, tokenizer = encoder
+        device = resolve_device(cfg.device)
+        model.to(device)
+        segments.append(f"{len(segments):04d}")
+        encode_passages(model, tokenizer, PassageTexts([r["id"] for r in new_passages], [r["title"] for r in new_passages],
+                                                       [r["text"] for r in new_passages]),
+                        staging / SEGMENTS / segments[-1], parent.encoder.passage_max_length, batch_size=cfg.batch_size,
+                        autocast_dtype=resolve_precision(cfg.precision, device), dtype=info["dtype"])
+        live = np.concatenate([live, np.ones(len(new_passages), dtype=bool)])
+    index = parent.load_index()
+    rebuilt = False
+    if len(removed) and not index.remove(removed):
+        kept = np.flatnonzero(live[:first_new])
+        logger.warning("index %s cannot delete vectors: rebuilding it from the %d kept embeddings", info["factory"], len(kept))
+        index, _ = build_index(info["factory"], parent.embeddings(), kept, info["similarity"], rows=kept,
+                               train_sample=info["train_sample"])
+        rebuilt = True
+    if new_passages:
+        index.add(open_embeddings(staging / SEGMENTS / segments[-1]), np.arange(first_new, first_new + len(new_passages)))
+    gone = {r["id"] for r in changes.replace} | set(changes.delete)
+    overlay = [row for pid, row in parent.overlay().items() if pid not in gone] + new_passages
+    # Ids an ingest passage may hold; readers look here only for ids missing from the overlay.
+    deleted = (parent.deleted() | set(changes.delete)) - {r["id"] for r in changes.add}
+    sources = {kind: file_input(path, kind) for kind, path in (("add", cfg.add), ("replace", cfg.replace),
+                                                               ("delete", cfg.delete)) if path}
+    new_info = version_info(
+        name, parent.name, encoder=parent.encoder, factory=info["factory"], similarity=info["similarity"],
+        segments=segments, dtype=info["dtype"], live=live,
+        counts={"added": len(changes.add), "replaced": len(changes.replace), "deleted": len(changes.delete)},
+        changes=sources, rebuilt=rebuilt, train_sample=info["train_sample"],
+    )
+    write_version_files(staging, index=index, live=live, overlay=overlay, deleted=deleted, info=new_info)
 
 
 def rollback(index: str | Path, to: str | None = None) -> IndexVersion:
@@ -417,9 +418,3 @@ def rollback(index: str | Path, to: str | None = None) -> IndexVersion:
     version = IndexVersion.open(artifact, target)
     set_current(artifact, version.name)
     return version
-
-
-def _discard_staging(artifact: Path) -> None:
-    """Remove versions a killed update left half-written (never visible: ``current`` never pointed at them)."""
-    for stale in (artifact / VERSIONS).glob(".v*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)

@@ -7,8 +7,11 @@
   log-likelihood, GTE's bidirectional partition and GISTEmbed's guided false-negative filtering.
 - :mod:`~ragkit.retriever.data`: mined examples -> grouped batches.
 - :mod:`~ragkit.retriever.gradcache`, :mod:`~ragkit.retriever.distributed`,
-  :mod:`~ragkit.retriever.negative_cache`, :mod:`~ragkit.retriever.trainer`: large batches on little
-  memory, several processes, cached negatives, and the training stage itself.
+  :mod:`~ragkit.retriever.negative_cache`: large batches on little memory, several processes, cached
+  negatives (a package: the store, Gumbel-Max sampling, masks, the sharded draw, the estimator, the step).
+- :mod:`~ragkit.retriever.trainer`: the training stage itself (building, the loop, the artifact), with
+  :mod:`~ragkit.retriever.checkpoints` (save, resume, random state), :mod:`~ragkit.retriever.guide`
+  (GISTEmbed's frozen guide) and :mod:`~ragkit.retriever.dev_evaluation` (dev metrics during training).
 
 Nothing is imported here, so loading one submodule does not pull in transformers.
 """

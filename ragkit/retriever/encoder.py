@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -255,6 +257,12 @@ class BiEncoder(nn.Module):
             tokenizer.save_pretrained(target)
             write_sentence_transformers_modules(target, model.config.hidden_size, self.pooling, self.normalize, max_length)
         spec.save(directory)
+
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The region a tower runs in: ``torch.autocast`` to ``dtype`` on ``device``, or nothing for full precision."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def load_tower(directory: str | Path) -> nn.Module:
