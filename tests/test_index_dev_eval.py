@@ -28,7 +28,7 @@ def test_dev_metrics_equal_brute_force_ranking(data, max_passages, similarity, n
     dev = DevEvaluation(questions, lookup, None, max_passages=max_passages, seed=0, match_type="string")
     model = BiEncoder.from_pretrained(str(data["model"]), normalize=normalize)
     tokenizer = load_tokenizer(str(data["model"]))
-    metrics = dev.evaluate(model, tokenizer, torch.device("cpu"), None, 8, 16, 24, similarity)
+    metrics = dev.evaluate(model, tokenizer, None, 8, 16, 24, similarity)
 
     rows = lookup.rows(dev.passage_ids)
     with torch.no_grad():
