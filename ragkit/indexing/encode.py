@@ -14,8 +14,9 @@ training loop's dev evaluation all call :func:`encode_passages` and :func:`encod
 - Passage embeddings stream into a memory-mapped ``embeddings.npy`` (float32 or float16) with the passage
   ids beside it (``ids.txt``, one per line, same order), so memory stays flat with the corpus size.
 
-Sharding and resuming large encodings is :mod:`ragkit.indexing.shards`' job; it calls
-:func:`encode_passages` on each shard's rows.
+Large corpora are encoded a shard at a time (``encode_passages(..., start=, stop=)``) into the shard
+directories :mod:`ragkit.indexing.shards` keeps. :func:`resolve_device` and :func:`resolve_precision` also
+pick the training loop's device and autocast dtype, so training and indexing agree on both.
 """
 
 from __future__ import annotations
