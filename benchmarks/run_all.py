@@ -22,6 +22,7 @@ BENCHMARKS = {
     "gradcache": ["bench_gradcache.py", "--bf16", "--batches", "16,64,512", "--steps", "2"],
     "negative_cache": ["bench_negative_cache.py"],
     "ablation": ["bench_ablation.py"],
+    "index": ["bench_index.py"],
 }
 
 

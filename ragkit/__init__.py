@@ -70,3 +70,11 @@ def hybrid(dense: str, bm25: str, out: str, **options: Any):
     from .indexing.hybrid import run
 
     return run(HybridConfig(dense=str(dense), bm25=str(bm25), out=str(out), **options))
+
+
+def index(ingest: str, out: str, model: str = "minilm", **options):
+    """Encode an ingest artifact's passages, build a FAISS index and write dense runs (see :class:`ragkit.config.IndexConfig`)."""
+    from .config import IndexConfig
+    from .indexing.stage import run
+
+    return run(IndexConfig(ingest=str(ingest), out=str(out), model=str(model), **options))

@@ -355,6 +355,12 @@ def _lock_owner(fd: int) -> str:
         return ""
 
 
+def work_dir_for(out: str | Path) -> Path:
+    """The stable directory beside ``out`` where a long stage keeps resumable work: ``<parent>/.<name>.work``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file through a temporary sibling and ``os.replace`` it into place."""
     path = Path(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import RagkitError
@@ -301,6 +302,102 @@ def hybrid(
     elif manifest.metrics.get("alpha") is not None:
         typer.echo(f"alpha = {manifest.metrics['alpha']:g} (given)")
 
+
+
+class _BuildByDefault(TyperGroup):
+    """``ragkit index ARGS`` runs ``ragkit index build ARGS`` unless ARGS start with a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+index_app = typer.Typer(cls=_BuildByDefault, no_args_is_help=True,
+                        help="Dense index: `build` (the default), `update` by passage id, `rollback` to an earlier version.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+@stage_command
+def index_build(
+    ingest: Path = typer.Argument(..., help="The ingest artifact (or a mine artifact: its ingest)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    model: Optional[str] = typer.Option(None, help="Encoder: a trained retriever, a Hugging Face directory, or minilm."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Question split to search (repeatable; default: dev)."),
+    depth: Optional[int] = typer.Option(None, help="Passages per question in the runs."),
+    factory: Optional[str] = typer.Option(None, help="FAISS index_factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, ..."),
+    train_sample: Optional[int] = typer.Option(None, help="Vectors sampled to train IVF / PQ."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists visited per query."),
+    ef_search: Optional[int] = typer.Option(None, help="HNSW beam width (raised to --depth when smaller)."),
+    similarity: Optional[str] = typer.Option(None, help="dot | cos (default: the retriever's)."),
+    query_max_length: Optional[int] = typer.Option(None, help="Query tokens kept (default: the retriever's, else 32)."),
+    passage_max_length: Optional[int] = typer.Option(None, help="Passage tokens kept (default: the retriever's, else 128)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per encoding batch."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    dtype: Optional[str] = typer.Option(None, help="Stored embeddings: float32 | float16."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    shard: Optional[str] = typer.Option(None, help="i/N: encode shard i of N and stop (merge with a run without --shard)."),
+    shards: Optional[int] = typer.Option(None, help="Shards of a new encoding (0: about one per million passages)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the IVF / PQ training sample."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Encode the passages, build a FAISS index and write dense runs for question splits."""
+    from .config import IndexConfig, load_config
+    from .indexing.stage import run
+
+    cfg = load_config(
+        IndexConfig, config, "index", ingest=str(ingest), out=str(out) if out else None, model=model,
+        splits=split or None, depth=depth, factory=factory, train_sample=train_sample, nprobe=nprobe,
+        ef_search=ef_search, similarity=similarity, query_max_length=query_max_length,
+        passage_max_length=passage_max_length, batch_size=batch_size, precision=precision, dtype=dtype, device=device,
+        shard=shard, shards=shards, seed=seed, overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    if manifest is None:
+        typer.echo("encoded; run again without --shard to merge the shards" if cfg.shard else "encoded this process's shards")
+    else:
+        report(manifest)
+
+
+@index_app.command("update")
+@stage_command
+def index_update(
+    index: Path = typer.Argument(..., help="The index artifact (output directory of `ragkit index`)."),
+    add: Optional[Path] = typer.Option(None, help="jsonl of new passages {id, title, text}."),
+    replace: Optional[Path] = typer.Option(None, help="jsonl of changed passages {id, title, text}."),
+    delete: Optional[Path] = typer.Option(None, help="Passage ids to delete, one a line."),
+    model: Optional[str] = typer.Option(None, help="The encoder (default: the one that built the index)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per encoding batch."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Add, replace and delete passages by id as a new version, then make it current."""
+    from .config import IndexUpdateConfig, load_config
+    from .indexing.versions import update
+
+    cfg = load_config(
+        IndexUpdateConfig, config, "index-update", index=str(index), add=add, replace=replace, delete=delete,
+        model=model, batch_size=batch_size, precision=precision, device=device,
+    )
+    version = update(cfg)
+    counts = ", ".join(f"{k}={v}" for k, v in version.info["counts"].items())
+    typer.echo(f"{index}: current version {version.name} ({counts})")
+
+
+@index_app.command("rollback")
+@stage_command
+def index_rollback(
+    index: Path = typer.Argument(..., help="The index artifact (output directory of `ragkit index`)."),
+    to: Optional[str] = typer.Option(None, help="Version to make current, e.g. v0001 (default: the current one's parent)."),
+) -> None:
+    """Make an earlier version current again."""
+    from .indexing.versions import rollback
+
+    version = rollback(index, to)
+    typer.echo(f"{index}: current version {version.name}")
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

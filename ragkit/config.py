@@ -413,3 +413,106 @@ class HybridConfig:
         """Whether alpha is chosen on the tune split (linear fusion without a given alpha)."""
         return self.method == "linear" and self.alpha == "tuned"
 
+
+INDEX_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+def _check_encoding(cfg: Any) -> None:
+    _check_choice("precision", cfg.precision, INDEX_PRECISIONS)
+    _check_positive("batch_size", cfg.batch_size)
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise RagkitError(f"device={cfg.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    """``ragkit index build``: an encoder + an ingest artifact -> FAISS index, embeddings and dense runs."""
+
+    ingest: str = ""
+    """The ingest artifact whose passages to index (or a mine artifact: its ingest)."""
+    out: str = "artifacts/index"
+    model: str = "minilm"
+    """The encoder: a `ragkit train retriever` artifact, a Hugging Face model directory, or an alias (minilm)."""
+    splits: list[str] = dataclasses.field(default_factory=list)
+    """Question splits to search and write runs for; empty: dev, when the ingest artifact has it."""
+    depth: int = 100
+    """Passages per question in the runs."""
+    factory: str = "Flat"
+    """FAISS index_factory string: Flat (exact), HNSW32, IVF4096,Flat, IVF4096,PQ64, ..."""
+    train_sample: int = 262_144
+    """Vectors sampled (seeded) to train IVF / PQ indexes."""
+    nprobe: int = 64
+    """IVF lists visited per query (at most all of them)."""
+    ef_search: int = 128
+    """HNSW beam width per query (raised to the depth asked for when smaller)."""
+    similarity: str | None = None
+    """dot | cos; None: the retriever's own (dot for a plain model)."""
+    query_max_length: int | None = None
+    """Query tokens kept; None: the retriever's own (32 for a plain model)."""
+    passage_max_length: int | None = None
+    """Passage tokens kept (title + text); None: the retriever's own (128 for a plain model)."""
+    batch_size: int = 128
+    precision: str = "auto"
+    """auto (bf16 where the hardware has it) | fp32 | bf16 | fp16 (CUDA)."""
+    dtype: str = "float32"
+    """Stored embeddings: float32 | float16 (half the disk; searched as float32)."""
+    device: str = "auto"
+    shard: str | None = None
+    """i/N: encode only shard i of N (rows [i*P/N, (i+1)*P/N)) into the work directory, then stop."""
+    shards: int = 0
+    """Shards of a new encoding; 0: about one per million passages, a multiple of the process count."""
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ingest:
+            raise RagkitError("no ingest artifact given (pass the output directory of `ragkit ingest` or `ragkit mine`)")
+        self.ingest, self.out, self.model = str(self.ingest), str(self.out), str(self.model)
+        self.splits = [str(s) for s in self.splits]
+        _check_encoding(self)
+        _check_choice("dtype", self.dtype, EMBEDDING_DTYPES)
+        if self.similarity is not None:
+            _check_choice("similarity", self.similarity, ("dot", "cos"))
+        for name in ("depth", "train_sample", "nprobe", "ef_search"):
+            _check_positive(name, getattr(self, name))
+        for name in ("query_max_length", "passage_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise RagkitError(f"{name}={value!r} must be >= 2 (room for [CLS] and [SEP])")
+        _check_positive("shards", self.shards, allow_zero=True)
+        if self.shard is not None:
+            from .indexing.shards import Shard
+
+            self.shard = str(self.shard)
+            count = Shard.parse(self.shard).count
+            if self.shards and self.shards != count:
+                raise RagkitError(f"shard={self.shard!r} splits into {count} shards but shards={self.shards} (drop one of them)")
+
+
+@dataclasses.dataclass
+class IndexUpdateConfig:
+    """``ragkit index update``: add, replace and delete passages by id as a new index version."""
+
+    index: str = ""
+    """The index artifact to update (output directory of `ragkit index`)."""
+    add: str | None = None
+    """jsonl of new passages {id, title, text}."""
+    replace: str | None = None
+    """jsonl of passages {id, title, text} whose text changes."""
+    delete: str | None = None
+    """Passage ids to delete, one a line."""
+    model: str | None = None
+    """The encoder; default: the one that built the index (another one is refused)."""
+    batch_size: int = 128
+    precision: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            raise RagkitError("no index given (pass the output directory of `ragkit index`)")
+        self.index = str(self.index)
+        for name in ("add", "replace", "delete", "model"):
+            value = getattr(self, name)
+            setattr(self, name, str(value) if value else None)
+        _check_encoding(self)

@@ -9,10 +9,12 @@ runner = CliRunner()
 def test_help_lists_the_stages():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("ingest", "mine", "evaluate", "hybrid", "train", "export"):
+    for command in ("ingest", "mine", "evaluate", "hybrid", "train", "export", "index"):
         assert command in result.output
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "retriever" in result.output
+    result = runner.invoke(app, ["index", "--help"])
+    assert result.exit_code == 0 and all(command in result.output for command in ("build", "update", "rollback"))
 
 
 def test_version():
@@ -23,5 +25,5 @@ def test_version():
 def test_stage_functions_are_importable():
     import ragkit
 
-    for name in ("ingest", "mine", "evaluate", "hybrid", "train_retriever", "export_dpr"):
+    for name in ("ingest", "mine", "evaluate", "hybrid", "train_retriever", "export_dpr", "index"):
         assert callable(getattr(ragkit, name))

@@ -440,7 +440,7 @@ def test_a_capped_dev_search_keeps_every_positive_and_judged_passage(artifacts):
     assert len(roomy.passage_ids) == 20 and judged <= set(roomy.passage_ids)
     assert roomy.passage_ids == DevEvaluation(questions, lookup, None, 20, 0, "string").passage_ids  # seeded
     metrics = roomy.evaluate(BiEncoder.from_pretrained(str(artifacts["model"])), load_tokenizer(str(artifacts["model"])),
-                             torch.device("cpu"), None, 8, 16, 24)
+                             None, 8, 16, 24)
     assert metrics["passages_searched"] == 20 and metrics["questions"] == 6
     assert {"accuracy@20", "mrr@10", "ndcg@10"} <= set(metrics) and metrics["accuracy@100"] == 1.0
 

@@ -1,7 +1,9 @@
 """Evaluation on the dev questions during training: the passages they are searched in, and the metrics.
 
-The dev questions (the ingest artifact's ``questions/dev``, else the mine artifact's ``examples/dev``) are
-encoded with the passages and ranked by exact inner product (or cosine). Beyond ``eval_max_passages``
+The dev questions (the ingest artifact's ``questions/dev``, else the mine artifact's ``examples/dev``) and the
+passages are encoded the way ``ragkit index`` encodes them (:mod:`ragkit.indexing.encode`: passages into a
+temporary memory-mapped matrix) and ranked by an exact in-memory FAISS ``Flat`` index
+(:mod:`ragkit.indexing.faiss_index`), by inner product or cosine. Beyond ``eval_max_passages``
 passages the search runs over a subset that always holds every dev question's positives, the passages of
 its judged documents and its BM25 candidates from the mine run, filled up with a seeded random sample:
 BM25's top-100 lies inside that subset, so BM25's numbers are unchanged on it, while the dense
@@ -10,15 +12,17 @@ retriever's are optimistic compared with the full corpus.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..evaluation import DEFAULT_KS, PassageLookup, default_metric, metric_names, retrieval_metrics
-from .encoder import BiEncoder, autocast, tokenize_passages, tokenize_queries
+from ..indexing.encode import PassageTexts, encode_passages, encode_queries, open_embeddings
+from ..indexing.faiss_index import build_index
+from .encoder import BiEncoder
 
 EVAL_DEPTH = 100
 
@@ -48,8 +52,6 @@ class DevEvaluation:
         self.texts = passages.texts_at(rows)
         self.doc_ids = passages.doc_ids_at(rows)
         self.subset = len(rows) < len(passages)
-        # Encoding passages of similar length together wastes less compute on padding.
-        self.order = sorted(range(len(rows)), key=lambda i: len(self.texts[i]) + len(self.titles[i]))
 
     def _passage_rows(self, passages: PassageLookup, bm25_run: Path | None, max_passages: int, seed: int) -> list[int]:
         total = len(passages)
@@ -85,31 +87,21 @@ class DevEvaluation:
         """The metrics these questions can be scored by (answers, gold passages, judged documents)."""
         return metric_names(self.questions, DEFAULT_KS)
 
-    @torch.inference_mode()
-    def evaluate(self, model: BiEncoder, tokenizer: Any, device: torch.device, autocast_dtype: torch.dtype | None,
-                 batch_size: int, query_max_length: int, passage_max_length: int, similarity: str = "dot") -> dict[str, Any]:
-        """Retrieval metrics of ``model`` ranking the passages for every dev question by ``similarity``."""
-        was_training = model.training
-        model.eval()
-        passage_vectors = torch.empty(len(self.passage_ids), model.embedding_dim)  # (P, D)
-        for start in range(0, len(self.order), batch_size):
-            idx = self.order[start : start + batch_size]
-            inputs = tokenize_passages(tokenizer, [self.titles[i] for i in idx], [self.texts[i] for i in idx], passage_max_length)
-            passage_vectors[idx] = self._encode(model, inputs, "passage", device, autocast_dtype)
-        ranked: list[list[int]] = []
-        depth = min(EVAL_DEPTH, len(self.passage_ids))
-        if similarity == "cos":
-            passage_vectors = torch.nn.functional.normalize(passage_vectors, dim=-1)
-        passage_vectors = passage_vectors.to(device)
-        for start in range(0, len(self.questions), batch_size):
-            texts = [q["question"] for q in self.questions[start : start + batch_size]]
-            query_vectors = self._encode(model, tokenize_queries(tokenizer, texts, query_max_length), "query", device, autocast_dtype)
-            if similarity == "cos":
-                query_vectors = torch.nn.functional.normalize(query_vectors, dim=-1)
-            top = (query_vectors.to(device) @ passage_vectors.T).topk(depth, dim=1)  # (b, depth)
-            ranked += top.indices.tolist()
-        model.train(was_training)
-        rankings = [[self.passage_ids[i] for i in row] for row in ranked]
+    def evaluate(self, model: BiEncoder, tokenizer: Any, autocast_dtype: torch.dtype | None, batch_size: int,
+                 query_max_length: int, passage_max_length: int, similarity: str = "dot") -> dict[str, Any]:
+        """Retrieval metrics of ``model`` (on its own device) ranking the passages for every dev question by
+        ``similarity``; the model's training mode is left as it was."""
+        passages = PassageTexts(self.passage_ids, self.titles, self.texts)
+        with tempfile.TemporaryDirectory(prefix="ragkit-dev-") as tmp:
+            encode_passages(model, tokenizer, passages, tmp, passage_max_length, batch_size=batch_size,
+                            autocast_dtype=autocast_dtype)
+            embeddings = open_embeddings(tmp)  # (P, D)
+            index, _ = build_index("Flat", embeddings, np.arange(len(passages)), similarity)
+            del embeddings
+        queries = encode_queries(model, tokenizer, [q["question"] for q in self.questions], query_max_length,
+                                 batch_size=batch_size, autocast_dtype=autocast_dtype)  # (Q, D)
+        _, ranked = index.search(queries, min(EVAL_DEPTH, len(passages)))  # (Q, depth)
+        rankings = [[self.passage_ids[i] for i in row] for row in ranked.tolist()]
         position = {pid: i for i, pid in enumerate(self.passage_ids)}
         metrics = retrieval_metrics(
             self.questions, rankings,
@@ -119,10 +111,3 @@ class DevEvaluation:
         )
         metrics["passages_searched"] = len(self.passage_ids)
         return metrics
-
-    @staticmethod
-    def _encode(model: BiEncoder, inputs: dict[str, Tensor], tower: str, device: torch.device,
-                autocast_dtype: torch.dtype | None) -> Tensor:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        with autocast(device, autocast_dtype):
-            return model(**inputs, tower=tower).float().cpu()  # (b, D)

@@ -52,10 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import Manifest, artifact_input, read_upstream, staged_output
+from ..artifacts import Manifest, artifact_input, read_upstream, staged_output, work_dir_for
 from ..config import TrainRetrieverConfig, as_dict
 from ..errors import RagkitError
 from ..evaluation import PassageLookup
+from ..indexing.encode import resolve_device, resolve_precision
 from .checkpoints import CHECKPOINTS, TrainState, latest_checkpoint, restore_checkpoint, save_checkpoint, truncate_log
 from .data import Batch, BatchCollator, ResumableBatchSampler, RetrievalExamples
 from .dev_evaluation import DevEvaluation
@@ -70,7 +71,6 @@ STAGE = "train-retriever"
 METRICS_FILE = "metrics.jsonl"
 BEST = "best"
 LOSS_DIRECTIONS = {"dpr": ("query_to_passage",), "gte": DIRECTIONS}
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(cfg: TrainRetrieverConfig, on_step: Callable[[int], None] | None = None) -> Manifest:
@@ -90,23 +90,6 @@ def run(cfg: TrainRetrieverConfig, on_step: Callable[[int], None] | None = None)
     finally:
         if joined_here:
             cleanup_distributed()
-
-
-def resolve_device(requested: str, dist_info: DistInfo) -> torch.device:
-    """The training device: torchrun's per-process device, else ``cuda`` when available for ``auto``."""
-    if dist_info.world_size > 1:
-        return dist_info.device
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RagkitError(f"device={requested!r} but no CUDA device is available (use --device cpu or auto)")
-    return torch.device(requested)
-
-
-def work_dir_for(out: str | Path) -> Path:
-    """The stable directory an in-progress run keeps its checkpoints and log in."""
-    out = Path(out)
-    return out.parent / f".{out.name}.work"
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -147,9 +130,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info
         self.device = resolve_device(cfg.device, dist_info)
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise RagkitError(f"precision=fp16 needs a CUDA device, this run is on {self.device.type} (use --precision bf16 or fp32)")
-        self.autocast_dtype = AUTOCAST_DTYPES[cfg.precision]
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.out = Path(cfg.out)
         self.work = work_dir_for(self.out)
         self._check_output()
@@ -351,7 +332,7 @@ class Trainer:
 
     def _evaluate(self, state: TrainState, log, bar, keep_best: bool = True) -> dict[str, Any]:
         cfg = self.cfg
-        metrics = self.dev.evaluate(self.model, self.tokenizer, self.device, self.autocast_dtype, cfg.eval_batch_size,
+        metrics = self.dev.evaluate(self.model, self.tokenizer, self.autocast_dtype, cfg.eval_batch_size,
                                     cfg.query_max_length, cfg.passage_max_length, cfg.similarity)
         value = float(metrics[self.select_metric])
         self._log(log, {"step": state.step, "split": "dev", **metrics})
