@@ -82,6 +82,8 @@ def ingest(
     window: Optional[int] = typer.Option(None, help="Words per passage window (0: keep documents whole)."),
     stride: Optional[int] = typer.Option(None, help="Words between window starts (default: window, no overlap)."),
     dev_fraction: Optional[float] = typer.Option(None, help="Hold out this fraction of train as dev, grouped by document."),
+    validation_fraction: Optional[float] = typer.Option(
+        None, help="Then hold out this fraction of the rest of train as validation (for choosing settings), grouped by document."),
     seed: Optional[int] = typer.Option(None, help="Seed for the dev split."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Drop duplicate passage ids instead of failing."),
     id_field: Optional[str] = typer.Option(None, help="jsonl: field holding the passage / question id."),
@@ -103,7 +105,7 @@ def ingest(
 
     cfg = load_config(
         IngestConfig, config, "ingest", inputs=list(inputs), out=str(out) if out else None, format=format,
-        window=window, stride=stride, dev_fraction=dev_fraction, seed=seed, dedup=dedup, id_field=id_field,
+        window=window, stride=stride, dev_fraction=dev_fraction, validation_fraction=validation_fraction, seed=seed, dedup=dedup, id_field=id_field,
         title_field=title_field, text_field=text_field, question_field=question_field,
         answers_field=answers_field, positives_field=positives_field, qrels=qrels or None, strict=strict,
         overwrite=overwrite,
@@ -169,11 +171,13 @@ def train_retriever(
     )
     manifest = run(cfg)
     report(manifest)
-    if manifest.metrics.get("dev"):
+    split = manifest.metrics.get("eval_split", "dev")
+    if manifest.metrics.get(split):
         from .evaluation import format_table
 
-        rows = {"dev (bm25)": manifest.metrics.get("bm25_dev"), "dev (start)": manifest.metrics.get("dev_start"),
-                "dev (trained)": manifest.metrics["dev"]}
+        rows = {f"{split} (bm25)": manifest.metrics.get(f"bm25_{split}"),
+                f"{split} (start)": manifest.metrics.get(f"{split}_start"),
+                f"{split} (trained)": manifest.metrics[split]}
         typer.echo(format_table({name: row for name, row in rows.items() if row and "questions" in row}))
 
 

@@ -100,6 +100,9 @@ class IngestConfig:
     """Words between window starts; 0 means ``window`` (no overlap), < window overlaps."""
     dev_fraction: float = 0.0
     """Hold out this fraction of train questions as 'dev', grouped by document."""
+    validation_fraction: float = 0.0
+    """Then hold out this fraction of the remaining train questions as 'validation', grouped by document: the
+    split that selects settings (hybrid alpha, checkpoints), so the reported dev split is never used to choose."""
     seed: int = 0
     dedup: bool = False
     """Drop repeated passage ids (keeping the first) instead of failing."""
@@ -125,6 +128,8 @@ class IngestConfig:
             raise RagkitError(f"stride={self.stride} must be in 1..window ({self.window})")
         if not 0.0 <= self.dev_fraction < 1.0:
             raise RagkitError(f"dev_fraction={self.dev_fraction} must be in [0, 1)")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise RagkitError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
         self.inputs = [str(p) for p in self.inputs]
         self.qrels = [str(p) for p in self.qrels]
 

@@ -408,6 +408,25 @@ def test_dev_fraction_through_ingest(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_validation_fraction_is_carved_after_dev_and_leaves_dev_unchanged(tmp_path):
+    psgs = write_lines(tmp_path / "psgs.tsv", ["id\ttext\ttitle"] + [f"{i}\tpassage {i}\tT" for i in range(40)])
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": f"q{i}", "question": f"question {i}", "positive_ids": [str(i % 40)]} for i in range(80)
+    ])
+    ingest([str(psgs), str(questions)], str(tmp_path / "two"), dev_fraction=0.25, seed=3)
+    manifest = ingest([str(psgs), str(questions)], str(tmp_path / "three"), dev_fraction=0.25, validation_fraction=0.2, seed=3)
+    assert load(tmp_path / "three", "questions/dev")["id"] == load(tmp_path / "two", "questions/dev")["id"]
+    parts = {split: load(tmp_path / "three", f"questions/{split}") for split in ("train", "validation", "dev")}
+    documents = {split: {d for ids in rows["doc_ids"] for d in ids} for split, rows in parts.items()}
+    assert not documents["train"] & documents["validation"]
+    assert not documents["validation"] & documents["dev"] and not documents["train"] & documents["dev"]
+    assert set(parts["train"]["id"]) | set(parts["validation"]["id"]) == set(load(tmp_path / "two", "questions/train")["id"])
+    assert 0 < len(parts["validation"]) < len(parts["train"])
+    assert manifest.counts["questions"] == {split: len(rows) for split, rows in parts.items()}
+    with pytest.raises(RagkitError, match="--validation-fraction"):
+        ingest([str(psgs), str(questions)], str(tmp_path / "bad"), validation_fraction=0.999, seed=3)
+
+
 def test_dedup_keeps_the_first_passage(tmp_path):
     psgs = write_lines(tmp_path / "psgs.tsv", ["id\ttext\ttitle", "1\tfirst\tT", "2\tother\tT", "1\tsecond\tT"])
     more = write_jsonl(tmp_path / "more.jsonl", [{"id": "2", "text": "again"}, {"id": "3", "text": "new"}])

@@ -529,3 +529,26 @@ def test_examples_mined_before_answer_passages_were_listed_have_none(artifacts):
     assert examples[0].answer_passage_ids == []
     batch = BatchCollator(load_tokenizer(str(artifacts["model"])), lookup, 16, 24)([examples[0], examples[1]])
     assert batch.answer_rows == [[], []]
+
+
+def test_a_validation_split_chooses_the_kept_model_and_dev_is_never_read(tmp_path, artifacts):
+    import shutil
+
+    root = tmp_path / "with-validation"
+    ingest = root / "ingest"
+    shutil.copytree(artifacts["ingest"], ingest)
+    dev = datasets.load_from_disk(str(ingest / "questions" / "dev"))
+    # The validation questions are the dev ones with their ids renamed; dev itself becomes unscorable
+    # rubbish, so a trainer that read it would fail or report different numbers.
+    dev.map(lambda q: {"id": "v-" + q["id"]}).save_to_disk(str(ingest / "questions" / "validation"))
+    shutil.rmtree(ingest / "questions" / "dev")
+    datasets.Dataset.from_list([{"id": "x", "question": "which", "answers": [], "positive_ids": ["nope"],
+                                 "doc_ids": [], "doc_scores": []}]).save_to_disk(str(ingest / "questions" / "dev"))
+    Manifest(stage="ingest", counts={"passages": 1}).save(ingest)
+    mine = write_mine(root, ingest)
+    same = run(config(artifacts, tmp_path / "plain", max_steps=2, eval_every=1, select_metric="mrr@10"))
+    manifest = run(config({**artifacts, "mine": mine}, tmp_path / "out", max_steps=2, eval_every=1, select_metric="mrr@10"))
+    assert manifest.metrics["eval_split"] == "validation" and "dev" not in manifest.metrics
+    assert manifest.counts["validation_questions"] == 6
+    assert manifest.metrics["validation"] == same.metrics["dev"] and manifest.metrics["best_step"] == same.metrics["best_step"]
+    assert {line.get("split") for line in train_lines(tmp_path / "out" / "metrics.jsonl") if "split" in line} == {"validation"}

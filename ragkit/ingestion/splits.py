@@ -79,16 +79,17 @@ def by_split(questions: list[Question]) -> dict[str, list[Question]]:
     return splits
 
 
-def carve_dev_split(splits: dict[str, list[Question]], fraction: float, seed: int, inputs: Sequence[str]) -> None:
-    if "dev" in splits:
-        raise RagkitError(f"{splits['dev'][0].where}: the inputs already hold a 'dev' split; drop --dev-fraction or "
-                          "the dev questions")
+def carve_dev_split(splits: dict[str, list[Question]], fraction: float, seed: int, inputs: Sequence[str],
+                    name: str = "dev", flag: str = "--dev-fraction") -> None:
+    """Move ``fraction`` of the train questions into split ``name``, grouped by document (see :func:`carve_dev`)."""
+    if name in splits:
+        raise RagkitError(f"{splits[name][0].where}: the inputs already hold a '{name}' split; drop {flag} or "
+                          f"the {name} questions")
     train = splits.get("train", [])
     flags = carve_dev([q.documents() for q in train], fraction, seed)
-    dev = [q for q, flag in zip(train, flags) if flag]
-    if not dev or len(dev) == len(train):
-        raise RagkitError(f"--dev-fraction {fraction} leaves {'no' if not dev else 'every'} train question for dev "
-                          f"({len(train)} train questions from {', '.join(inputs)}); adjust --dev-fraction")
-    splits["train"] = [q for q, flag in zip(train, flags) if not flag]
-    splits["dev"] = dev
-
+    carved = [q for q, chosen in zip(train, flags) if chosen]
+    if not carved or len(carved) == len(train):
+        raise RagkitError(f"{flag} {fraction} leaves {'no' if not carved else 'every'} train question for {name} "
+                          f"({len(train)} train questions from {', '.join(inputs)}); adjust {flag}")
+    splits["train"] = [q for q, chosen in zip(train, flags) if not chosen]
+    splits[name] = carved

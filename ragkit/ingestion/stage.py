@@ -83,8 +83,12 @@ def run(cfg: IngestConfig, frames: dict[str, Any] | None = None) -> Manifest:
         by_id = {split: {q.id: q for q in members} for split, members in splits.items()}
         for source in sources:
             source.attach(by_id)
+        named_inputs = cfg.inputs + (["in-memory records"] if frames else [])
         if cfg.dev_fraction:
-            carve_dev_split(splits, cfg.dev_fraction, cfg.seed, cfg.inputs + (["in-memory records"] if frames else []))
+            carve_dev_split(splits, cfg.dev_fraction, cfg.seed, named_inputs)
+        if cfg.validation_fraction:
+            # Carved after dev, from what is left of train, so adding it leaves the dev split unchanged.
+            carve_dev_split(splits, cfg.validation_fraction, cfg.seed, named_inputs, "validation", "--validation-fraction")
         corpus = [s for s in sources if s.holds_passages] or [s for s in sources if isinstance(s, DprJson)]
         documents = itertools.chain.from_iterable(source.documents() for source in corpus)
         found, counts = write_passages(documents, tmp / "passages", _wanted_documents(questions), cfg.window,

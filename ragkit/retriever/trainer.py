@@ -68,6 +68,8 @@ from .losses import DIRECTIONS, ContrastiveLoss
 from .negative_cache.step import NegativeCacheStep
 
 STAGE = "train-retriever"
+EVAL_SPLITS = ("validation", "dev")
+"""Question splits evaluated during training, the first present chosen: it selects the kept model."""
 METRICS_FILE = "metrics.jsonl"
 BEST = "best"
 LOSS_DIRECTIONS = {"dpr": ("query_to_passage",), "gte": DIRECTIONS}
@@ -148,6 +150,7 @@ class Trainer:
         self.examples = RetrievalExamples(datasets.load_from_disk(str(train_dir)), self.passages, cfg.hard_negatives, cfg.seed)
         self.sampler = ResumableBatchSampler(len(self.examples), cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.batches_per_epoch()
+        self.eval_split = EVAL_SPLITS[-1]
         self.dev = self._dev_evaluation() if dist_info.is_main else None
         self.select_metric = cfg.select_metric
         if self.dev is not None and self.select_metric == "auto":
@@ -170,14 +173,19 @@ class Trainer:
     def _dev_evaluation(self) -> DevEvaluation | None:
         import datasets
 
-        for path in (self.ingest_dir / "questions" / "dev", self.mine_dir / "examples" / "dev"):
-            if path.is_dir():
+        # A validation split (``ragkit ingest --validation-fraction``) chooses the kept model when there is
+        # one, so the dev split stays unseen by every choice and can be reported.
+        for split in EVAL_SPLITS:
+            for path in (self.ingest_dir / "questions" / split, self.mine_dir / "examples" / split):
+                if not path.is_dir():
+                    continue
                 questions = datasets.load_from_disk(str(path))
                 if len(questions) == 0:
                     continue
                 match_type = str(self.mine.config.get("match_type", "string"))
-                dev = DevEvaluation(questions, self.passages, self.mine_dir / "runs" / "dev.trec",
+                dev = DevEvaluation(questions, self.passages, self.mine_dir / "runs" / f"{split}.trec",
                                     self.cfg.eval_max_passages, self.cfg.seed, match_type)
+                self.eval_split = split
                 # Questions with neither answers, gold passages nor judged documents cannot be scored.
                 return dev if dev.metric_names() else None
         return None
@@ -335,8 +343,8 @@ class Trainer:
         metrics = self.dev.evaluate(self.model, self.tokenizer, self.autocast_dtype, cfg.eval_batch_size,
                                     cfg.query_max_length, cfg.passage_max_length, cfg.similarity)
         value = float(metrics[self.select_metric])
-        self._log(log, {"step": state.step, "split": "dev", **metrics})
-        message = f"step {state.step}: dev {self.select_metric} = {value:.4f}"
+        self._log(log, {"step": state.step, "split": self.eval_split, **metrics})
+        message = f"step {state.step}: {self.eval_split} {self.select_metric} = {value:.4f}"
         bar.write(message)
         if keep_best and (state.best_metric is None or value > state.best_metric):
             state.best_metric, state.best_step, state.best_metrics = value, state.step, metrics
@@ -369,7 +377,8 @@ class Trainer:
 
     def _write_artifact(self, state: TrainState) -> Manifest:
         cfg = self.cfg
-        bm25_dev = self.mine.metrics.get("dev", {}) if isinstance(self.mine.metrics, dict) else {}
+        split = self.eval_split
+        bm25_dev = self.mine.metrics.get(split, {}) if isinstance(self.mine.metrics, dict) else {}
         counts: dict[str, Any] = {
             "steps": state.step,
             "examples_seen": state.examples_seen,
@@ -380,11 +389,11 @@ class Trainer:
         }
         metrics: dict[str, Any] = {}
         if self.dev is not None:
-            counts["dev_questions"] = len(self.dev.questions)
-            counts["dev_passages_searched"] = len(self.dev.passage_ids)
-            metrics = {"select_metric": self.select_metric, "best_step": state.best_step, "dev": state.best_metrics,
-                       "dev_start": state.start_metrics,
-                       "bm25_dev": bm25_dev, "dev_passage_subset": self.dev.subset}
+            counts[f"{split}_questions"] = len(self.dev.questions)
+            counts[f"{split}_passages_searched"] = len(self.dev.passage_ids)
+            metrics = {"select_metric": self.select_metric, "eval_split": split, "best_step": state.best_step,
+                       split: state.best_metrics, f"{split}_start": state.start_metrics,
+                       f"bm25_{split}": bm25_dev, f"{split}_passage_subset": self.dev.subset}
         with staged_output(self.out, cfg.overwrite) as tmp:
             if state.best_step is not None:
                 for item in (self.work / BEST).iterdir():
