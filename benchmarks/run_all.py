@@ -23,6 +23,7 @@ BENCHMARKS = {
     "negative_cache": ["bench_negative_cache.py"],
     "ablation": ["bench_ablation.py"],
     "index": ["bench_index.py"],
+    "encode": ["bench_encode.py"],
 }
 
 
