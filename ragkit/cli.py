@@ -234,9 +234,9 @@ def train_reader(
     report(manifest)
     split_name = manifest.metrics.get("eval_split")
     if split_name:
-        start, best = manifest.metrics.get(f"{split_name}_start", {}), manifest.metrics.get(split_name, {})
-        typer.echo(f"{split_name}: EM {start.get('em')} -> {best.get('em')}, F1 {start.get('f1')} -> {best.get('f1')} "
-                   f"(best step {manifest.metrics.get('best_step')})")
+        from .reader.answer import format_progress
+
+        typer.echo(format_progress(split_name, manifest.metrics))
 
 
 @app.command()

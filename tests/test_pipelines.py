@@ -268,6 +268,16 @@ def evaluate_metric_names():
     return {key for key in metrics.result() if "@" in key}
 
 
+def answer_metric_names():
+    """Every key `ragkit answer` writes for a split: EM, F1 and recall@n_docs for any n_docs."""
+    from ragkit.reader.answer import summarize
+
+    keys = set()
+    for n_docs in range(1, 101):
+        keys |= set(summarize([{"em": 1.0, "f1": 1.0, "answer_in_passages": 1.0}], n_docs))
+    return keys - {"questions", "judged"}
+
+
 @pytest.fixture(scope="module")
 def ingest_counts(tmp_path_factory):
     """The counts an ingest manifest holds, from a tiny BEIR corpus with a dev split."""
@@ -290,7 +300,7 @@ def test_recipe_parses_and_names_what_ragkit_writes(path, ingest_counts):
     recipe = check.load_recipe(path)
     names = [stage.name for stage in recipe.stages]
     assert names[0] == "ingest" and "bm25" in names
-    metric_names = evaluate_metric_names()
+    metric_names = evaluate_metric_names() | answer_metric_names()
     splits = {e.split for e in recipe.stage("ingest").expectations if e.kind == "count" and e.name == "questions"}
     assert splits >= {"train", "dev"}
     for stage in recipe.stages:

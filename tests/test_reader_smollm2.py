@@ -45,7 +45,7 @@ def test_smollm2_converts_once_reloads_and_answers(cache):
     reload_s = time.perf_counter() - started
     assert weights.stat().st_mtime_ns == stamp  # not converted again
     assert reload_s < 10, f"reloading the converted model took {reload_s:.1f} s"
-    assert generator.kind == "causal" and generator.chat
+    assert generator.kind == "causal" and not generator.chat and generator.tokenizer.chat_template  # plain prompts by default
 
     inputs = generator.encode_prompts([generator.chat_prompt("What is the capital of France?")])
     [[hypothesis]] = generate(generator, inputs, DecodingOptions(max_new_tokens=12))

@@ -5,8 +5,9 @@
 * A question split of the index's ingest artifact (``--split dev``) or a jsonl file (``--questions``,
   one ``{"question", "id"?, "answers"?}`` per line): ``predictions.jsonl`` (one record per question:
   prediction, EM / F1 when answers are known, whether an answer string is in the passages read, the
-  passages) and ``metrics.json`` in an ``answer`` artifact: EM and F1 (SQuAD normalisation, in %) and
-  ``recall@n_docs``, the share of questions with an answer among their passages.
+  passages) and ``metrics.json`` in an ``answer`` artifact: under the split's name (``questions`` for a
+  file), EM and F1 (SQuAD normalisation) and ``recall@n_docs``, the share of questions with an
+  answer among their passages; beside it the settings (n_docs, decoding, retrieval, index version).
 
 ``READER`` is a ``train reader`` artifact or a generator directory / alias (``smollm2``), which then
 retrieves with the index's own query tower. ``--n-docs 0`` answers closed-book: the same generator reads
@@ -46,7 +47,7 @@ def answer_questions(reader: RagReader, retriever: PassageRetriever | None, ques
                      decoding: str | None = None, batch_size: int = 8, options: DecodingOptions | None = None,
                      progress: Any = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Answer the rows of a questions dataset (``id``, ``question``, ``answers``): per-question records, and
-    EM / F1 / recall@n_docs in percent over the questions with answers."""
+    EM / F1 / recall@n_docs over the questions with answers (fractions)."""
     records = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
@@ -70,14 +71,14 @@ def _record(question_id: str, golds: list[str], prediction: Prediction, n_docs: 
 
 
 def summarize(records: list[dict[str, Any]], n_docs: int) -> dict[str, float]:
-    """EM, F1 and recall@n_docs in percent over the records with known answers."""
+    """EM, F1 and recall@n_docs (fractions, like every ragkit metric) over the records with known answers."""
     judged = [r for r in records if r["em"] is not None]
     out: dict[str, float] = {"questions": len(records), "judged": len(judged)}
     if judged:
-        out["em"] = round(100 * float(np.mean([r["em"] for r in judged])), 2)
-        out["f1"] = round(100 * float(np.mean([r["f1"] for r in judged])), 2)
+        out["em"] = round(float(np.mean([r["em"] for r in judged])), 4)
+        out["f1"] = round(float(np.mean([r["f1"] for r in judged])), 4)
         if n_docs:
-            out[f"recall@{n_docs}"] = round(100 * float(np.mean([r["answer_in_passages"] for r in judged])), 2)
+            out[f"recall@{n_docs}"] = round(float(np.mean([r["answer_in_passages"] for r in judged])), 4)
     return out
 
 
@@ -139,15 +140,15 @@ def run(cfg: AnswerConfig) -> Manifest:
         source = cfg.split
     else:
         questions = read_questions_file(cfg.questions)
-        source = str(cfg.questions)
+        source = "questions"
     questions = questions.select(sample_rows(len(questions), cfg.max_questions, cfg.seed))
     reader, retriever = open_reader(cfg)
     with tqdm(total=len(questions), desc="answer", unit="question", dynamic_ncols=True) as bar:
         records, metrics = answer_questions(reader, retriever, questions, cfg.n_docs, cfg.decoding, cfg.batch_size,
                                             decoding_options(cfg), progress=bar)
-    metrics = {"source": source, "n_docs": cfg.n_docs, "decoding": cfg.decoding or reader.default_decoding,
+    metrics = {source: metrics, "source": source, "n_docs": cfg.n_docs, "decoding": cfg.decoding or reader.default_decoding,
                "retrieval": cfg.retrieval if cfg.n_docs else "closed-book",
-               "index_version": retriever.version.name if retriever is not None else None, **metrics}
+               "index_version": retriever.version.name if retriever is not None else None}
     inputs = [artifact_input(cfg.index)] if cfg.index else []
     inputs += [artifact_input(cfg.reader)] if is_reader(cfg.reader) and (Path(cfg.reader) / "manifest.json").is_file() else []
     inputs += [file_input(cfg.questions, "questions")] if cfg.questions else []
@@ -176,8 +177,20 @@ def format_prediction(prediction: Prediction, width: int = 160) -> str:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One line: EM, F1 and recall of an answer run."""
-    parts = [f"{metrics['source']}: {metrics['judged']} questions with answers"]
+    scores = metrics[metrics["source"]]
+    parts = [f"{metrics['source']}: {scores['judged']} questions with answers"]
     for key in ("em", "f1", f"recall@{metrics['n_docs']}"):
-        if key in metrics:
-            parts.append(f"{key.upper() if key in ('em', 'f1') else key} {metrics[key]:.2f}")
+        if key in scores:
+            parts.append(f"{key.upper() if key in ('em', 'f1') else key} {100 * scores[key]:.1f}")
     return ", ".join(parts) + f" ({metrics['retrieval']}, {metrics['decoding']})"
+
+
+def format_progress(split: str, metrics: dict[str, Any]) -> str:
+    """``train reader``'s outcome: EM and F1 on the evaluation split before training and at the kept step."""
+    start, best = metrics.get(f"{split}_start", {}), metrics.get(split, {})
+
+    def pct(values: dict[str, Any], key: str) -> str:
+        return f"{100 * values[key]:.1f}" if key in values else "-"
+
+    return (f"{split}: EM {pct(start, 'em')} -> {pct(best, 'em')}, F1 {pct(start, 'f1')} -> {pct(best, 'f1')} "
+            f"(kept step {metrics.get('best_step')})")

@@ -222,8 +222,8 @@ class ReaderTrainer:
                                       options=DecodingOptions(max_new_tokens=self.cfg.max_new_tokens))
         log.write(json.dumps({"step": state.step, "split": self.eval_split, **metrics}) + "\n")
         log.flush()
-        bar.write(f"step {state.step}: {self.eval_split} EM {metrics.get('em', 0):.2f} F1 {metrics.get('f1', 0):.2f} "
-                  f"recall@{self.cfg.n_docs} {metrics.get(f'recall@{self.cfg.n_docs}', 0):.2f}")
+        bar.write(f"step {state.step}: {self.eval_split} EM {100 * metrics.get('em', 0):.1f} F1 {100 * metrics.get('f1', 0):.1f} "
+                  f"recall@{self.cfg.n_docs} {100 * metrics.get(f'recall@{self.cfg.n_docs}', 0):.1f}")
         score = [metrics.get("em", 0.0), metrics.get("f1", 0.0)]
         if keep_best and (state.best is None or score > state.best):
             state.best, state.best_step, state.best_metrics = score, state.step, metrics
