@@ -250,6 +250,32 @@ def test_micro_batches_hold_concurrent_requests_and_keep_their_errors_apart():
     assert sum(isinstance(r, Busy) for r in results) == 3 and results[0] == 0
 
 
+@pytest.mark.parametrize(("window", "joined"), [(0.2, True), (0.0, False)])
+def test_under_load_the_window_gathers_requests_arriving_apart(window, joined):
+    sizes: list[int] = []
+
+    def process(batch):
+        sizes.append(len(batch))
+        return [job.request for job in batch]
+
+    async def main():
+        batcher = MicroBatcher(process, max_batch=16, window=window)
+        await batcher.start()
+        try:
+            await asyncio.gather(batcher.submit(Job("retrieve", 0)), batcher.submit(Job("retrieve", 1)))  # load: a batch of 2
+
+            async def later(i):
+                await asyncio.sleep(0.01 * i)
+                return await batcher.submit(Job("retrieve", i))
+
+            return await asyncio.gather(*(later(i) for i in range(2, 7)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == [2, 3, 4, 5, 6]
+    assert sizes[0] == 2 and (sizes[1:] == [5] if joined else len(sizes) > 2)
+
+
 def test_a_client_leaving_mid_request_harms_nothing(data):
     cfg = serve_config(data["index"], batch_window_ms=200)  # requests wait in the queue for their batch
     with LiveServer(cfg) as server:

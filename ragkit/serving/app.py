@@ -170,7 +170,8 @@ def run(cfg: ServeConfig) -> None:
     """Load the index (and reader) and serve until interrupted."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # versions served, refused and freed
     reader = load_reader(cfg)
     holder = open_holder(cfg, reader)
     app = create_app(cfg, holder, reader)

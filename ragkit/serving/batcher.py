@@ -1,8 +1,9 @@
 """Micro-batching: requests that arrive together are answered by one call, in a worker thread.
 
-Each request becomes a job on a queue. One worker takes the first job, waits up to ``window`` seconds
-for more (taking at once whatever is already queued) until it holds ``max_batch`` jobs, and hands the
-batch to ``process`` in its own thread, so the event loop keeps accepting requests while the encoder and
+Each request becomes a job on a queue. One worker takes the first job and whatever else is queued, up
+to ``max_batch`` jobs; under load (the previous batch held more than one job) it also waits up to
+``window`` seconds for more to join, while a lone client is answered at once. It hands the batch to
+``process`` in its own thread, so the event loop keeps accepting requests while the encoder and
 the index work. ``process`` returns one result per job, an exception for a job that failed alone. A
 request whose client went away is skipped if its batch has not started, and its result dropped if it
 has. ``max_batch=1`` with no window answers one request at a time.
@@ -49,6 +50,7 @@ class MicroBatcher:
         self.max_pending = max_pending
         self.pending = 0
         self.batches = 0
+        self._last_batch = 0
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragkit-batch")
@@ -85,7 +87,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = loop.time() + self.window
+            deadline = loop.time() + (self.window if self._last_batch > 1 else 0.0)
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
@@ -109,6 +111,7 @@ class MicroBatcher:
             except Exception as exc:  # the whole batch failed: each of its requests gets the error
                 results = [exc] * len(jobs)
             self.batches += 1
+            self._last_batch = len(batch)
             for (_, future), result in zip(waiting, results):
                 if future.done():  # its client went away while the batch ran
                     continue
