@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 MAX_QUESTION_CHARS = 1000
 MAX_PASSAGES = 50
 """The most passages a request may ask for (k, n_docs); a version holding fewer bounds it further."""
 Retrieval = Literal["dense", "bm25", "hybrid"]
+Decoding = Literal["greedy", "beam", "thorough", "fast"]
 
 
 class _Request(BaseModel):
@@ -44,7 +45,8 @@ class AnswerRequest(_Request):
     """``POST /answer``: an answer read from the top ``n_docs`` passages."""
 
     n_docs: int = Field(5, ge=1, le=MAX_PASSAGES)
-    decoding: str = "greedy"
+    decoding: Decoding | None = None
+    """None: the reader's own default (greedy for RAG-Token, thorough for RAG-Sequence)."""
 
 
 class ReloadRequest(BaseModel):
