@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig
 from ..errors import RagkitError
+from ..indexing.fingerprint import weights_hash
 from .batcher import Busy, Job, MicroBatcher
 from .engine import BatchEngine, NoReader
 from .holder import VersionHolder, VersionLoader
@@ -60,13 +61,19 @@ def open_holder(cfg: ServeConfig, reader: Any = None) -> VersionHolder:
     return VersionHolder(loader)
 
 
-def generator_fingerprint(reader: Any) -> str | None:
-    return getattr(reader, "fingerprint", None) if reader is not None else None
+def describe_generator(reader: Any) -> dict[str, Any] | None:
+    """The reader's generator for ``/version``: its source, kind, marginal and the fingerprint of its weights."""
+    if reader is None:
+        return None
+    return {"model": reader.source, "kind": reader.generator.kind, "marginal": reader.marginal,
+            "default_decoding": reader.default_decoding,
+            "fingerprint": weights_hash(reader.generator.model.config.name_or_path)}
 
 
 def create_app(cfg: ServeConfig, holder: VersionHolder, reader: Any = None) -> FastAPI:
     """The FastAPI application serving ``holder``'s versions (see the module docstring)."""
     engine = BatchEngine(holder, reader)
+    generator = describe_generator(reader)
     batcher = MicroBatcher(engine, max_batch=cfg.max_batch, window=cfg.batch_window_ms / 1000,
                            max_pending=cfg.max_pending)
 
@@ -136,7 +143,7 @@ def create_app(cfg: ServeConfig, holder: VersionHolder, reader: Any = None) -> F
                             "passage_fingerprint": encoder.passage_fingerprint},
                 "query_encoder": {"model": holder.loader.settings.model,
                                   "query_fingerprint": holder.loader.settings.query_fingerprint},
-                "generator": generator_fingerprint(reader),
+                "generator": generator,
                 "batching": {"max_batch": cfg.max_batch, "window_ms": cfg.batch_window_ms}}
 
     @app.post("/retrieve")
