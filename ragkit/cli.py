@@ -27,7 +27,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-train_app = typer.Typer(help="Train a model: `retriever` (a dual encoder on mined examples).", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: `retriever` (a dual encoder on mined examples) or `reader` (RAG over an index).",
+                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 export_app = typer.Typer(help="Write a trained model in another layout: `dpr` (DPRQuestionEncoder + DPRContextEncoder).",
                          no_args_is_help=True)
@@ -179,6 +180,109 @@ def train_retriever(
                 f"{split} (start)": manifest.metrics.get(f"{split}_start"),
                 f"{split} (trained)": manifest.metrics[split]}
         typer.echo(format_table({name: row for name, row in rows.items() if row and "questions" in row}))
+
+
+@train_app.command("reader")
+@stage_command
+def train_reader(
+    index: Path = typer.Argument(..., help="The index artifact to retrieve from (output of `ragkit index`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory."),
+    generator: Optional[str] = typer.Option(None, help="Generator: a BART-like or causal LM directory, or an alias (smollm2)."),
+    query_model: Optional[str] = typer.Option(None, help="Query tower to start from (default: the index's encoder)."),
+    marginal: Optional[str] = typer.Option(None, help="sequence (RAG-Sequence) | token (RAG-Token)."),
+    n_docs: Optional[int] = typer.Option(None, help="Passages retrieved per question."),
+    temperature: Optional[float] = typer.Option(None, help="Prior softmax(q.d / T); default: the retriever's training temperature."),
+    retrieval: Optional[str] = typer.Option(None, help="dense | bm25 | hybrid: which passages are read."),
+    bm25: Optional[str] = typer.Option(None, help="The `ragkit mine` artifact whose BM25 index serves bm25 / hybrid."),
+    alpha: Optional[str] = typer.Option(None, help="Hybrid weight of BM25: a number or a `ragkit hybrid` artifact."),
+    split: Optional[str] = typer.Option(None, help="Question split to train on."),
+    eval_split: Optional[str] = typer.Option(None, help="Split answered to keep the best checkpoint (default: validation, else dev)."),
+    eval_max_questions: Optional[int] = typer.Option(None, help="Evaluation questions (seeded sample; 0: all)."),
+    eval_every: Optional[int] = typer.Option(None, help="Steps between evaluations (0: before and after training only)."),
+    max_train_questions: Optional[int] = typer.Option(None, help="Train on a seeded sample of this many questions (0: all)."),
+    batch_size: Optional[int] = typer.Option(None, help="Questions per step."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the training questions."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (0: run the epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    warmup: Optional[float] = typer.Option(None, help="Warm-up: a fraction of the steps (< 1) or a number of steps."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing epsilon of the RAG loss."),
+    freeze_query_encoder: Optional[bool] = typer.Option(None, "--freeze-query-encoder/--train-query-encoder", help="Train the generator only."),
+    max_input_length: Optional[int] = typer.Option(None, help="Generator input tokens per (question, passage) pair."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: none)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and samples."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Train a RAG reader (generator + query tower) over a fixed index: RAG-Sequence or RAG-Token."""
+    from .config import load_config
+    from .reader.config import TrainReaderConfig
+    from .reader.train import run
+
+    cfg = load_config(
+        TrainReaderConfig, config, "train-reader", index=str(index), out=str(out) if out else None, generator=generator,
+        query_model=query_model, marginal=marginal, n_docs=n_docs, temperature=temperature, retrieval=retrieval, bm25=bm25, alpha=alpha, split=split,
+        eval_split=eval_split, eval_max_questions=eval_max_questions, eval_every=eval_every,
+        max_train_questions=max_train_questions, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr,
+        warmup=warmup, label_smoothing=label_smoothing, freeze_query_encoder=freeze_query_encoder,
+        max_input_length=max_input_length, precision=precision, device=device, checkpoint_every=checkpoint_every,
+        resume=resume, seed=seed, overwrite=overwrite,
+    )
+    manifest = run(cfg)
+    report(manifest)
+    split_name = manifest.metrics.get("eval_split")
+    if split_name:
+        start, best = manifest.metrics.get(f"{split_name}_start", {}), manifest.metrics.get(split_name, {})
+        typer.echo(f"{split_name}: EM {start.get('em')} -> {best.get('em')}, F1 {start.get('f1')} -> {best.get('f1')} "
+                   f"(best step {manifest.metrics.get('best_step')})")
+
+
+@app.command()
+@stage_command
+def answer(
+    reader: str = typer.Argument(..., help="A `ragkit train reader` artifact, or a generator directory / alias (smollm2)."),
+    question: Optional[str] = typer.Argument(None, help="One question to answer (or pass --split / --questions)."),
+    index: Optional[str] = typer.Option(None, help="The index artifact to retrieve from."),
+    version: Optional[str] = typer.Option(None, help="Index version (default: current)."),
+    split: Optional[str] = typer.Option(None, help="Answer a question split of the index's ingest artifact."),
+    questions: Optional[str] = typer.Option(None, help="Answer a jsonl file of {question, id?, answers?}."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output artifact directory (with --split / --questions)."),
+    n_docs: Optional[int] = typer.Option(None, help="Passages per question; 0: closed-book."),
+    decoding: Optional[str] = typer.Option(None, help="greedy | beam (RAG-Token) | thorough | fast (RAG-Sequence)."),
+    num_beams: Optional[int] = typer.Option(None, help="Beams per search."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens."),
+    retrieval: Optional[str] = typer.Option(None, help="dense | bm25 | hybrid."),
+    bm25: Optional[str] = typer.Option(None, help="The `ragkit mine` artifact whose BM25 index serves bm25 / hybrid."),
+    alpha: Optional[str] = typer.Option(None, help="Hybrid weight of BM25: a number or a `ragkit hybrid` artifact."),
+    max_questions: Optional[int] = typer.Option(None, help="Answer a seeded sample of this many questions (0: all)."),
+    batch_size: Optional[int] = typer.Option(None, help="Questions per batch."),
+    max_input_length: Optional[int] = typer.Option(None, help="Generator input tokens per (question, passage) pair."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the question sample."),
+    config: Optional[Path] = ConfigOpt,
+    overwrite: Optional[bool] = OverwriteOpt,
+) -> None:
+    """Answer questions from retrieved passages: one question printed, or a split / file -> predictions + EM/F1."""
+    from .config import load_config
+    from .reader.answer import answer_one, format_prediction, format_metrics, run
+    from .reader.config import AnswerConfig
+
+    cfg = load_config(
+        AnswerConfig, config, "answer", reader=reader, question=question, index=index, version=version, split=split,
+        questions=questions, out=str(out) if out else None, n_docs=n_docs, decoding=decoding, num_beams=num_beams,
+        max_new_tokens=max_new_tokens, retrieval=retrieval, bm25=bm25, alpha=alpha, max_questions=max_questions,
+        batch_size=batch_size, max_input_length=max_input_length, precision=precision, device=device, seed=seed,
+        overwrite=overwrite,
+    )
+    if cfg.question is not None:
+        typer.echo(format_prediction(answer_one(cfg)))
+        return
+    manifest = run(cfg)
+    report(manifest)
+    typer.echo(format_metrics(manifest.metrics))
 
 
 @export_app.command("dpr")

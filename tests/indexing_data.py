@@ -106,3 +106,13 @@ def brute_force(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.n
     scores = queries.astype(np.float64) @ passages.astype(np.float64).T  # (Q, P)
     rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return rows, np.take_along_axis(scores, rows, axis=1)
+
+
+def build_indexed(root: Path, invoke) -> dict[str, Path]:
+    """An ingest artifact, a tiny model, its BM25 mine artifact and a float32 Flat index, through the CLI
+    (``invoke(*args)`` runs one command and checks it succeeded)."""
+    ingest = write_ingest(root)
+    model = write_tiny_model(root / "tiny")
+    invoke("mine", ingest, "--out", root / "mine", "--depth", 20)
+    invoke("index", "build", ingest, "--model", model, "--out", root / "index", "--device", "cpu", "--precision", "fp32")
+    return {"root": root, "ingest": ingest, "model": model, "mine": root / "mine", "index": root / "index"}

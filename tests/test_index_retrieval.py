@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from indexing_data import brute_force, corpus, direct_passage_vectors, direct_query_vectors, write_ingest, write_tiny_model
+from indexing_data import brute_force, build_indexed, corpus, direct_passage_vectors, direct_query_vectors, write_tiny_model
 from ragkit.cli import app
 from ragkit.errors import RagkitError
 from ragkit.indexing.fusion import linear_fusion
@@ -28,12 +28,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("retrieval")
-    ingest = write_ingest(root)
-    model = write_tiny_model(root / "tiny")
-    invoke("mine", ingest, "--out", root / "mine", "--depth", 20)
-    invoke("index", "build", ingest, "--model", model, "--out", root / "index", "--device", "cpu", "--precision", "fp32")
-    return {"root": root, "ingest": ingest, "model": model, "mine": root / "mine", "index": root / "index"}
+    return build_indexed(tmp_path_factory.mktemp("retrieval"), invoke)
 
 
 def dev_questions() -> list[dict]:

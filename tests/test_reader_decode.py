@@ -295,14 +295,15 @@ def test_causal_beam_search_equals_transformers(request, model):
             attention_mask=inputs.attention_mask,
             num_beams=3,
             max_new_tokens=MAX_NEW,
-            eos_token_id=EOS,
+            eos_token_id=list(llama.stop_token_ids),  # EOS and the line break end an answer
             pad_token_id=PAD,
             length_penalty=1.0,
             early_stopping=False,
             do_sample=False,
         )
     generated = theirs[:, inputs.input_ids.shape[1] :].tolist()
-    expected = [tuple(row[: row.index(EOS) + 1] if EOS in row else row) for row in generated]
+    stops = set(llama.stop_token_ids)
+    expected = [tuple(row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]) for row in generated]
     assert [f[0].tokens for f in found] == expected
 
 

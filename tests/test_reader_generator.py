@@ -83,6 +83,10 @@ def manual_answer_log_probs(model, prompt_ids, answer_ids):
     return torch.stack([log_probs[len(prompt_ids) - 1 + t, token] for t, token in enumerate(answer_ids)])
 
 
+SHOT = ("Title: Marie Curie\nPassage: Marie Curie was born in Warsaw. She later studied physics in Paris.\n"
+        "Question: Where was Marie Curie born?\nAnswer: Warsaw\n\n")
+
+
 @pytest.mark.parametrize("model", ["llama_dir", "gpt2_dir"])
 def test_causal_scores_the_answer_after_the_prompt_with_left_padding(request, model):
     generator = load_generator(str(request.getfixturevalue(model)))
@@ -96,7 +100,7 @@ def test_causal_scores_the_answer_after_the_prompt_with_left_padding(request, mo
     tokenizer = generator.tokenizer
     for row in range(len(inputs)):
         question, passage = QUESTIONS[row // 2], PASSAGES[row // 2][row % 2]
-        prompt = f"Title: {passage['title']}\nPassage: {passage['text']}\nQuestion: {question}\nAnswer:"
+        prompt = SHOT + f"Title: {passage['title']}\nPassage: {passage['text']}\nQuestion: {question}\nAnswer:"
         prompt_ids = tokenizer(prompt)["input_ids"]
         assert prompt_ids[0] == tokenizer.bos_token_id
         assert inputs.input_ids[row, -len(prompt_ids):].tolist() == prompt_ids
@@ -113,16 +117,19 @@ def test_causal_scores_the_answer_after_the_prompt_with_left_padding(request, mo
 def test_causal_chat_template_holds_the_prompt(tmp_path):
     template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
     tiny_llama(tmp_path, chat_template=template)
-    generator = load_generator(str(tmp_path))
+    assert not load_generator(str(tmp_path)).chat  # plain text unless asked
+    generator = load_generator(str(tmp_path), chat=True)
     assert generator.chat
     text = generator.render("where is lyon?", "lyon", "a city")
-    assert text == "<s>user: Title: lyon\nPassage: a city\nQuestion: where is lyon?\nAnswer:\n<s>assistant:"
+    assert text == "<s>user: " + SHOT + "Title: lyon\nPassage: a city\nQuestion: where is lyon?\nAnswer:\n<s>assistant:"
     ids = generator.encode(["where is lyon?"], [[{"title": "lyon", "text": "a city"}]]).input_ids[0].tolist()
     assert ids == generator.tokenizer(text, add_special_tokens=False)["input_ids"]  # no second BOS
     answer = generator.encode_answers(["lyon"]).ids[0].tolist()
     assert answer == generator.tokenizer("lyon", add_special_tokens=False)["input_ids"] + [EOS]  # no leading space
     plain = load_generator(str(tmp_path), chat=False)
-    assert plain.render("q?", "t", "x") == "Title: t\nPassage: x\nQuestion: q?\nAnswer:"
+    assert plain.render("q?", "t", "x") == SHOT + "Title: t\nPassage: x\nQuestion: q?\nAnswer:"
+    assert plain.render_closed_book("q?") == "Question: Where was Marie Curie born?\nAnswer: Warsaw\n\nQuestion: q?\nAnswer:"
+    assert plain.stop_token_ids == (EOS, plain.tokenizer("\n", add_special_tokens=False)["input_ids"][0])
 
 
 def test_a_directory_that_is_no_generator_is_refused(tmp_path):

@@ -17,7 +17,9 @@ a candidate ending in EOS among the best ``num_beams`` becomes a finished hypoth
 ``log p / length ** length_penalty`` (length counting the EOS), the best ``num_beams`` others continue,
 and a question is done once it holds ``num_beams`` finished hypotheses and its best running beam
 cannot beat the worst of them (or at once, with ``early_stopping``). Reaching ``max_new_tokens`` ends
-every hypothesis. Greedy search takes the argmax and stops a row at EOS.
+every hypothesis. Greedy search takes the argmax and stops a row at EOS. "EOS" is any of the
+generator's ``stop_token_ids``: its EOS token, and for causal LMs also the newline tokens (an answer
+ends with its line).
 """
 
 from __future__ import annotations
@@ -134,9 +136,10 @@ def _normalized(log_prob: float, length: int, length_penalty: float) -> float:
     return log_prob / (max(length, 1) ** length_penalty)
 
 
-def _greedy(rows: _Rows, options: DecodingOptions, eos: int, pad: int) -> list[list[Hypothesis]]:
+def _greedy(rows: _Rows, options: DecodingOptions, stops: Sequence[int], pad: int) -> list[list[Hypothesis]]:
     log_probs = rows.first()  # (G, V)
     groups = log_probs.shape[0]
+    stop_ids = torch.tensor(list(stops), device=log_probs.device)
     done = torch.zeros(groups, dtype=torch.bool, device=log_probs.device)
     tokens: list[Tensor] = []
     token_log_probs: list[Tensor] = []
@@ -147,23 +150,24 @@ def _greedy(rows: _Rows, options: DecodingOptions, eos: int, pad: int) -> list[l
         picked = log_probs.gather(1, best[:, None]).squeeze(1)
         tokens.append(best.masked_fill(done, pad))  # a finished row is fed padding
         token_log_probs.append(picked.masked_fill(done, 0.0))
-        done = done | (best == eos)
+        done = done | torch.isin(best, stop_ids)
         if bool(done.all()):
             break
     ids = torch.stack(tokens, dim=1).tolist()  # (G, steps)
     totals = torch.stack(token_log_probs, dim=1).sum(dim=1).tolist()  # (G,)
     hypotheses = []
     for row, total in zip(ids, totals):
-        length = row.index(eos) + 1 if eos in row else len(row)
+        length = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
         hypotheses.append([Hypothesis(tuple(row[:length]), total, _normalized(total, length, options.length_penalty))])
     return hypotheses
 
 
-def _beam_search(rows: _Rows, options: DecodingOptions, eos: int) -> list[list[Hypothesis]]:
+def _beam_search(rows: _Rows, options: DecodingOptions, stops: Sequence[int]) -> list[list[Hypothesis]]:
     beams = options.num_beams
     first = rows.first()  # (G, V)
     groups, vocab = first.shape
     device = first.device
+    stop_ids = torch.tensor(list(stops), device=device)
     rows.select(torch.arange(groups, device=device).repeat_interleave(beams))
     log_probs = first.repeat_interleave(beams, dim=0)  # (G * n, V)
     # The n beams start identical: only the first may expand, or the same tokens would fill every beam.
@@ -179,7 +183,7 @@ def _beam_search(rows: _Rows, options: DecodingOptions, eos: int) -> list[list[H
         totals = (running[:, :, None] + log_probs.view(groups, beams, vocab)).view(groups, beams * vocab)
         top, index = totals.topk(2 * beams, dim=1)  # (G, 2n): enough to keep n running beams past EOS
         source, token = index // vocab, index % vocab  # (G, 2n)
-        ends = (token == eos) | (length == options.max_new_tokens)
+        ends = torch.isin(token, stop_ids) | (length == options.max_new_tokens)
         candidates = torch.cat([sequences.gather(1, source[:, :, None].expand(-1, -1, step)), token[:, :, None]], dim=2)
         top_list, ends_list = top.tolist(), ends.tolist()
         for group in range(groups):
@@ -217,8 +221,8 @@ def _keep_best(finished: list[Hypothesis], hypothesis: Hypothesis, size: int) ->
 
 def _search(rows: _Rows, generator: Generator, options: DecodingOptions) -> list[list[Hypothesis]]:
     if options.num_beams == 1:
-        return _greedy(rows, options, generator.eos_token_id, generator.pad_token_id)
-    return _beam_search(rows, options, generator.eos_token_id)
+        return _greedy(rows, options, generator.stop_token_ids, generator.pad_token_id)
+    return _beam_search(rows, options, generator.stop_token_ids)
 
 
 @torch.inference_mode()

@@ -10,9 +10,12 @@ question. Rows are question-major: row ``b * K + k`` pairs question ``b`` with i
   The target is the tokenised answer (``<s> answer </s>`` for BART) and the decoder reads it shifted
   right behind ``decoder_start_token_id``.
 * **causal** (``AutoModelForCausalLM``: SmolLM, Qwen, Llama, ...): a REPLUG-style prompt (Shi et al.
-  2023, arXiv:2301.12652), ``Title: .. / Passage: .. / Question: .. / Answer:``, in the tokenizer's chat
-  template as the user turn when it has one; the target is the answer's tokens followed by EOS, and
-  ``p(y|x,z)`` is the likelihood of those tokens only (the prompt is never scored). Prompts are padded
+  2023, arXiv:2301.12652), ``Title: .. / Passage: .. / Question: .. / Answer:``, behind one worked
+  example (:data:`DEMONSTRATION`) and as plain text (``chat=True`` wraps it in the tokenizer's chat
+  template as the user turn instead: on SmolLM2-135M-Instruct the plain one-shot prompt measured far
+  better, the chat turn answering in whole sentences). The target is the answer's tokens followed by
+  EOS, and ``p(y|x,z)`` is the likelihood of those tokens only (the prompt is never scored); in
+  decoding a line break ends an answer too, as it does in the worked example. Prompts are padded
   on the left, so every row's answer starts at the same position and generation appends to all rows
   at once.
 
@@ -44,6 +47,16 @@ DOC_SEP = " // "
 """Between the passage and the question (transformers' ``RagConfig.doc_sep``)."""
 PROMPT = "Title: {title}\nPassage: {text}\nQuestion: {question}\nAnswer:"
 """The causal LMs' prompt for one (question, passage) pair."""
+CLOSED_BOOK_PROMPT = "Question: {question}\nAnswer:"
+"""The causal LMs' prompt for a question alone (closed-book: no passage)."""
+DEMONSTRATION = {
+    "title": "Marie Curie",
+    "text": "Marie Curie was born in Warsaw. She later studied physics in Paris.",
+    "question": "Where was Marie Curie born?",
+    "answer": "Warsaw",
+}
+"""The one worked example in front of every causal prompt (``one_shot``): a small LM then answers with a
+short span on one line instead of a sentence."""
 KINDS: tuple[str, ...] = ("seq2seq", "causal")
 
 
@@ -111,6 +124,8 @@ class Generator(ABC):
         self.pad_token_id: int = _first(tokenizer.pad_token_id, config.pad_token_id, self.eos_token_id)
         if self.eos_token_id is None:
             raise RagkitError(f"{config.name_or_path}: the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
+        self.stop_token_ids: tuple[int, ...] = (self.eos_token_id,)
+        """Tokens that end an answer in decoding."""
         forward = inspect.signature(type(model).forward).parameters
         # transformers 5 renamed ``past_key_values`` to ``cache``.
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -142,6 +157,14 @@ class Generator(ABC):
             for passage in question_passages
         ]
         return self._pad_inputs(rows)
+
+    @abstractmethod
+    def render_closed_book(self, question: str) -> str:
+        """The text the model reads for a question without any passage (the closed-book baseline)."""
+
+    def encode_closed_book(self, questions: Sequence[str]) -> ReaderInputs:
+        """``B`` questions alone -> ``B`` rows (one "passage" each: none)."""
+        return self._pad_inputs([self._tokenize(self.render_closed_book(q))[: self.max_input_length] for q in questions])
 
     @abstractmethod
     def _tokenize(self, text: str) -> list[int]:
@@ -244,6 +267,9 @@ class Seq2SeqGenerator(Generator):
         title = title.removeprefix('"').removesuffix('"')
         return (self.prefix + title + TITLE_SEP + text + DOC_SEP + question).replace("  ", " ")
 
+    def render_closed_book(self, question: str) -> str:
+        return (self.prefix + question).replace("  ", " ")
+
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
@@ -305,15 +331,30 @@ class CausalGenerator(Generator):
 
     kind = "causal"
 
-    def __init__(self, model: Any, tokenizer: Any, max_input_length: int = 300, chat: bool | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_input_length: int = 300, chat: bool | None = None,
+                 one_shot: bool = True, stop_at_newline: bool = True) -> None:
         super().__init__(model, tokenizer, max_input_length)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat and not has_template:
             raise RagkitError(f"{model.config.name_or_path}: the tokenizer has no chat template (drop chat=True)")
-        self.chat: bool = has_template if chat is None else chat
+        self.chat: bool = bool(chat)
+        self.one_shot = one_shot
+        if stop_at_newline:
+            self.stop_token_ids = (self.eos_token_id, *newline_tokens(tokenizer))
+
+    def _demonstration(self, closed_book: bool) -> str:
+        if not self.one_shot:
+            return ""
+        d = DEMONSTRATION
+        prompt = CLOSED_BOOK_PROMPT if closed_book else PROMPT
+        return prompt.format(title=d["title"], text=d["text"], question=d["question"]) + f" {d['answer']}\n\n"
 
     def render(self, question: str, title: str, text: str) -> str:
-        prompt = PROMPT.format(title=title, text=text, question=question)
+        prompt = self._demonstration(False) + PROMPT.format(title=title, text=text, question=question)
+        return self.chat_prompt(prompt) if self.chat else prompt
+
+    def render_closed_book(self, question: str) -> str:
+        prompt = self._demonstration(True) + CLOSED_BOOK_PROMPT.format(question=question)
         return self.chat_prompt(prompt) if self.chat else prompt
 
     def chat_prompt(self, message: str) -> str:
@@ -383,6 +424,16 @@ class CausalGenerator(Generator):
         return torch.log_softmax(logits[:, -1].float(), dim=-1)  # (N, V)
 
 
+def newline_tokens(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the single tokens that are line breaks (``\\n``, ``\\n\\n``) in this tokenizer."""
+    found = []
+    for text in ("\n", "\n\n"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and ids[0] not in found:
+            found.append(ids[0])
+    return tuple(found)
+
+
 def _positions(attention_mask: Tensor) -> Tensor:
     """Position ids that start at 0 on each row's first real token (left padding). ``(N, L) -> (N, L)``."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -423,8 +474,8 @@ def load_generator(
     """A generator from a local model directory or an alias (``smollm2``); never downloads.
 
     The directory's config decides the kind: an encoder-decoder with a seq2seq LM head, or a model saved
-    as a causal LM; anything else is refused. ``chat`` (causal only): use the chat template (default:
-    when the tokenizer has one).
+    as a causal LM; anything else is refused. ``chat`` (causal only): wrap the prompt in the chat
+    template (default: plain text).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

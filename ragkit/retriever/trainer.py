@@ -111,6 +111,23 @@ def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return max(total_steps - step, 1) / max(total_steps - warmup_steps, 1)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, parameters: Any,
+                   max_grad_norm: float) -> tuple[float | None, float]:
+    """After ``backward``: unscale (fp16), clip to ``max_grad_norm`` (0: no clipping), step the optimiser,
+    the scaler and the schedule. Returns the gradient norm before clipping and the learning rate used."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm else None
+    lr = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return grad_norm, lr
+
+
 def warmup_steps_for(warmup: float, total_steps: int) -> int:
     return int(round(warmup * total_steps)) if warmup < 1 else min(int(warmup), total_steps)
 
@@ -324,18 +341,7 @@ class Trainer:
         else:
             guide = self.guide(batch) if self.guide is not None else {}
             loss = self.step_fn(query, passage, **guide)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.optimizer, self.scheduler, self.scaler, self.model.parameters(), self.cfg.max_grad_norm)
         return float(loss), grad_norm, lr
 
     def _evaluate(self, state: TrainState, log, bar, keep_best: bool = True) -> dict[str, Any]:
