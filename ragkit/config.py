@@ -523,8 +523,6 @@ class IndexUpdateConfig:
         _check_encoding(self)
 
 
-SERVE_MODES = ("dense", "bm25", "hybrid")
-
 
 @dataclasses.dataclass
 class ServeConfig:
@@ -575,4 +573,6 @@ class ServeConfig:
     @property
     def modes(self) -> tuple[str, ...]:
         """The retrieval modes this configuration can serve."""
-        return tuple(m for m in SERVE_MODES if m == "dense" or (self.mine and (m == "bm25" or self.alpha is not None)))
+        from .indexing.retrieval import MODES
+
+        return tuple(m for m in MODES if m == "dense" or (self.mine and (m == "bm25" or self.alpha is not None)))

@@ -12,6 +12,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from indexing_data import write_ingest, write_tiny_model
+from tiny_generators import tiny_llama
 from ragkit.cli import app as cli
 from ragkit.config import ServeConfig
 from ragkit.serving.app import create_app, open_holder
@@ -26,13 +27,22 @@ def invoke(*args) -> str:
 
 
 def build_data(root: Path) -> dict[str, Path]:
-    """Ingest + BM25 mine + an index of the tiny encoder, and two encoders it must refuse."""
+    """Ingest + BM25 mine + an index of the tiny encoder, two encoders it must refuse, and a tiny generator."""
     ingest = write_ingest(root)
     model = write_tiny_model(root / "tiny")
     invoke("mine", ingest, "--out", root / "mine", "--depth", 20)
     invoke("index", "build", ingest, "--model", model, "--out", root / "index", "--device", "cpu", "--precision", "fp32")
+    tiny_llama(root / "llama")
     return {"root": root, "ingest": ingest, "model": model, "mine": root / "mine", "index": root / "index",
-            "other": write_tiny_model(root / "other", seed=1), "wide": write_tiny_model(root / "wide", hidden=48)}
+            "other": write_tiny_model(root / "other", seed=1), "wide": write_tiny_model(root / "wide", hidden=48),
+            "llama": root / "llama"}
+
+
+def load_reader(data: dict[str, Path], index: Path | None = None):
+    """The tiny generator read with the index's own query tower."""
+    from ragkit.reader.rag import RagReader
+
+    return RagReader.load(str(data["llama"]), index=index or data["index"], device="cpu", precision="fp32")
 
 
 def copy_index(data: dict[str, Path], target: Path) -> Path:
@@ -60,9 +70,9 @@ def serve_config(index: Path, **overrides) -> ServeConfig:
 class LiveServer:
     """uvicorn serving ``cfg`` in a thread on a free loopback port; ``url``, ``holder`` and ``app`` while open."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
-        self.holder = open_holder(cfg)
-        self.app = create_app(cfg, self.holder)
+    def __init__(self, cfg: ServeConfig, reader=None) -> None:
+        self.holder = open_holder(cfg, reader)
+        self.app = create_app(cfg, self.holder, reader)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""

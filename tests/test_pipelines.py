@@ -360,7 +360,7 @@ def test_nq_dry_run_commands_parse_as_ragkit_commands():
         except Exception as exc:  # click's UsageError: an unknown flag, a bad value, a missing argument
             raise AssertionError(f"{line}: {getattr(exc, 'format_message', exc.__str__)()}") from None
         parsed.append(" ".join(path))
-    assert parsed == ["ingest", "mine", "evaluate", "train retriever", "build", "evaluate", "train reader", "answer",
+    assert parsed == ["ingest", "mine", "evaluate", "train retriever", "index build", "evaluate", "train reader", "answer",
                       "train reader", "answer"]
     assert "--batch-size 128 --chunk-size 32" in lines[3] and "--device cuda" in lines[3]
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,11 +25,12 @@ from indexing_data import corpus
 from ragkit.cli import app as cli
 from ragkit.config import ServeConfig
 from ragkit.errors import RagkitError
+from ragkit.indexing.fingerprint import weights_hash
 from ragkit.indexing.retrieval import PassageRetriever
 from ragkit.indexing.versions import set_current
 from ragkit.serving.app import create_app, open_holder
 from ragkit.serving.batcher import Busy, Job, MicroBatcher
-from serve_data import LiveServer, add_passage, build_data, copy_index, invoke, serve_config
+from serve_data import LiveServer, add_passage, build_data, copy_index, invoke, load_reader, serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [q["question"] for q in corpus()[1]["dev"]]
@@ -137,6 +139,62 @@ def test_unserved_retrieval_mode_is_refused(data):
     with TestClient(create_app(cfg, open_holder(cfg))) as dense_only:
         response = dense_only.post("/retrieve", json={"question": "which", "retrieval": "bm25"})
         assert response.status_code == 400 and "start the server with --mine" in response.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def answering(data):
+    reader = load_reader(data)
+    cfg = serve_config(data["index"])
+    with TestClient(create_app(cfg, open_holder(cfg, reader), reader)) as test_client:
+        yield reader, test_client
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "thorough"])
+def test_answer_is_the_readers_own(data, answering, decoding):
+    reader, answer_client = answering
+    retriever = reader.retriever(data["index"])
+    for question in QUESTIONS[:3]:
+        response = answer_client.post("/answer", json={"question": question, "n_docs": 3, "decoding": decoding})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = reader.answer([question], retriever, 3, decoding)[0]
+        assert body["answer"] == expected.answer and body["decoding"] == decoding and body["version"] == "v0001"
+        assert body["log_prob"] == pytest.approx(expected.log_prob, rel=1e-4, abs=1e-4)
+        assert [p["id"] for p in body["passages"]] == [p["id"] for p in expected.passages]
+        np.testing.assert_allclose([p["doc_score"] for p in body["passages"]], [p["doc_score"] for p in expected.passages],
+                                   rtol=1e-4, atol=1e-5)
+        assert set(body["timings"]) == {"queue_ms", "compute_ms", "total_ms", "batch_size"}
+
+
+def test_answers_report_the_generator_and_refuse_what_the_version_cannot_meet(data, answering):
+    reader, answer_client = answering
+    info = answer_client.get("/version").json()
+    assert info["generator"]["fingerprint"] == weights_hash(data["llama"])
+    assert info["generator"]["kind"] == "causal" and info["generator"]["default_decoding"] == reader.default_decoding
+    response = answer_client.post("/answer", json={"question": QUESTIONS[0], "n_docs": 43})
+    assert response.status_code == 400 and "asked for 43 passages, index version v0001 holds 42" in response.json()["error"]
+    response = answer_client.post("/answer", json={"question": QUESTIONS[0]})
+    assert response.status_code == 200 and response.json()["decoding"] == reader.default_decoding
+
+
+def test_a_batch_mixing_retrievals_and_answers_answers_each_alone(data):
+    reader = load_reader(data)
+    requests = [("retrieve", {"question": q, "k": k}) for q, k in zip(QUESTIONS, (1, 4, 2))]
+    requests += [("answer", {"question": q, "n_docs": n, "decoding": d})
+                 for q, n, d in zip(QUESTIONS, (2, 3, 2), ("greedy", "greedy", "fast"))]
+    with LiveServer(serve_config(data["index"], batch_window_ms=300), reader) as server:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            bodies = list(pool.map(lambda r: httpx.post(f"{server.url}/{r[0]}", json=r[1], timeout=60).json(), requests))
+    assert max(body["timings"]["batch_size"] for body in bodies) > 1
+    retriever = PassageRetriever.open(data["index"], device="cpu", precision="fp32")
+    for (kind, request), body in zip(requests, bodies):
+        if kind == "retrieve":
+            expected = retriever.retrieve([request["question"]], k=request["k"])[0].passage_ids
+            assert [p["id"] for p in body["passages"]] == expected
+        else:
+            alone = reader.answer([request["question"]], reader.retriever(data["index"]), request["n_docs"],
+                                  request["decoding"])[0]
+            assert body["answer"] == alone.answer and len(body["passages"]) == request["n_docs"]
 
 
 # --- versions ----------------------------------------------------------------------------------------

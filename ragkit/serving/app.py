@@ -155,8 +155,8 @@ def create_app(cfg: ServeConfig, holder: VersionHolder, reader: Any = None) -> F
     async def answer(request: AnswerRequest) -> dict[str, Any]:
         if reader is None:
             raise NoReader("no reader loaded: start the server with --reader to answer questions")
-        return {"question": request.question, "n_docs": request.n_docs, "decoding": request.decoding,
-                **await submit("answer", request)}
+        return {"question": request.question, "n_docs": request.n_docs,
+                "decoding": request.decoding or reader.default_decoding, **await submit("answer", request)}
 
     @app.post("/admin/reload")
     async def reload(request: Request, body: ReloadRequest | None = Body(None)) -> JSONResponse:

@@ -83,6 +83,7 @@ class BatchEngine:
                 raise NoReader("no reader loaded: start the server with --reader to answer questions")
             predictions = self.reader.answer(questions, served.retriever("dense"), n_docs=key[1], decoding=key[2])
             for i, prediction in zip(valid, predictions):
-                outputs[i] = {"answer": prediction.answer, "log_prob": float(prediction.log_prob),
+                log_prob = None if prediction.log_prob is None else float(prediction.log_prob)
+                outputs[i] = {"answer": prediction.answer, "log_prob": log_prob,
                               "passages": [dict(p) for p in prediction.passages]}
         return outputs

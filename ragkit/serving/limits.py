@@ -14,11 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from ..indexing.retrieval import MODES
+from ..reader.config import DECODINGS
+
 MAX_QUESTION_CHARS = 1000
 MAX_PASSAGES = 50
 """The most passages a request may ask for (k, n_docs); a version holding fewer bounds it further."""
-Retrieval = Literal["dense", "bm25", "hybrid"]
-Decoding = Literal["greedy", "beam", "thorough", "fast"]
+Retrieval = Literal[MODES]
+Decoding = Literal[DECODINGS]
 
 
 class _Request(BaseModel):
