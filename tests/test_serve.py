@@ -274,6 +274,12 @@ def test_current_pointer_is_followed_by_polling(data, tmp_path):
             time.sleep(0.05)
         body = httpx.post(f"{server.url}/retrieve", json={"question": "w15x0 w15x1 w15x2 ans15", "k": 1}).json()
         assert body["version"] == "v0002" and body["passages"][0]["id"] == "n15"
+        pinned = httpx.post(f"{server.url}/admin/reload", json={"version": "v0001"}).json()  # a version by name
+        assert pinned["changed"] and pinned["serving"] == "v0001"
+        body = httpx.post(f"{server.url}/retrieve", json={"question": "w15x0 w15x1 w15x2 ans15", "k": 1}).json()
+        assert body["version"] == "v0001" and body["passages"][0]["id"] != "n15"
+        missing = httpx.post(f"{server.url}/admin/reload", json={"version": "v0009"})
+        assert missing.status_code == 409 and "has no version 'v0009'" in missing.json()["error"]
 
 
 # --- batching and disconnects ------------------------------------------------------------------------
@@ -333,6 +339,19 @@ def test_under_load_the_window_gathers_requests_arriving_apart(window, joined):
 
     assert asyncio.run(main()) == [2, 3, 4, 5, 6]
     assert sizes[0] == 2 and (sizes[1:] == [5] if joined else len(sizes) > 2)
+
+
+def test_a_failing_batch_is_a_json_500_and_the_server_goes_on(data, monkeypatch):
+    cfg = serve_config(data["index"])
+    holder = open_holder(cfg)
+    with TestClient(create_app(cfg, holder), raise_server_exceptions=False) as local:
+        broken = holder.current.retrievers["dense"]
+        monkeypatch.setattr(broken, "retrieve", lambda *a, **k: 1 / 0)
+        response = local.post("/retrieve", json={"question": QUESTIONS[0]})
+        assert response.status_code == 500 and "ZeroDivisionError" in response.json()["error"]
+        monkeypatch.undo()
+        assert local.post("/retrieve", json={"question": QUESTIONS[0]}).status_code == 200
+        assert holder.in_flight == 0
 
 
 def test_a_client_leaving_mid_request_harms_nothing(data):

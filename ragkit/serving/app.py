@@ -113,6 +113,11 @@ def create_app(cfg: ServeConfig, holder: VersionHolder, reader: Any = None) -> F
         status = 503 if isinstance(exc, (Busy, NoReader)) else 400
         return JSONResponse({"error": str(exc)}, status_code=status)
 
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:  # a fault of the server, not of the request
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}: {exc}); see the server log"}, status_code=500)
+
     async def submit(kind: str, request: Any) -> dict[str, Any]:
         job = Job(kind, request)
         result = await batcher.submit(job)
