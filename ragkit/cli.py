@@ -507,6 +507,7 @@ def index_rollback(
     version = rollback(index, to)
     typer.echo(f"{index}: current version {version.name}")
 
+
 @app.command()
 @stage_command
 def serve(
