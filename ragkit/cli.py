@@ -507,5 +507,38 @@ def index_rollback(
     version = rollback(index, to)
     typer.echo(f"{index}: current version {version.name}")
 
+
+@app.command()
+@stage_command
+def serve(
+    index: Path = typer.Argument(..., help="The index artifact (output directory of `ragkit index`); its current version is served."),
+    mine: Optional[Path] = typer.Option(None, help="The mine artifact of the index's ingest: enables bm25 and hybrid retrieval."),
+    alpha: Optional[str] = typer.Option(None, help="Hybrid weight of BM25: a number or a `ragkit hybrid` artifact (enables hybrid)."),
+    reader: Optional[str] = typer.Option(None, help="A trained reader or a generator (directory or alias): enables /answer."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default 127.0.0.1: this machine only)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default 8000)."),
+    max_batch: Optional[int] = typer.Option(None, help="Requests answered together in one call."),
+    batch_window_ms: Optional[float] = typer.Option(None, help="How long a batch waits for more requests to join."),
+    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Micro-batch requests, or answer one at a time."),
+    poll_seconds: Optional[float] = typer.Option(None, help="Check the index's current version every N seconds (0: only on POST /admin/reload)."),
+    max_body_bytes: Optional[int] = typer.Option(None, help="Largest request body accepted (413 above)."),
+    max_pending: Optional[int] = typer.Option(None, help="Requests queued at once (503 above)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Serve retrieval (and answers) over HTTP, following the index's current version."""
+    from .config import ServeConfig, load_config
+    from .serving.app import run
+
+    cfg = load_config(
+        ServeConfig, config, "serve", index=str(index), mine=str(mine) if mine else None, alpha=alpha, reader=reader,
+        host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms, batching=batching,
+        poll_seconds=poll_seconds, max_body_bytes=max_body_bytes, max_pending=max_pending, device=device,
+        precision=precision,
+    )
+    run(cfg)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -521,3 +521,58 @@ class IndexUpdateConfig:
             value = getattr(self, name)
             setattr(self, name, str(value) if value else None)
         _check_encoding(self)
+
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """``ragkit serve``: answer questions over HTTP from the current version of an index artifact."""
+
+    index: str = ""
+    """The index artifact to serve (output directory of `ragkit index`); its `current` version is followed."""
+    mine: str | None = None
+    """The mine artifact of the index's ingest artifact: enables `bm25` and `hybrid` retrieval."""
+    alpha: str | None = None
+    """The hybrid's weight of BM25: a number or a `ragkit hybrid` artifact (enables `hybrid`)."""
+    reader: str | None = None
+    """A `train reader` artifact or a generator (directory or alias such as smollm2): enables /answer."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    """Requests answered together in one call."""
+    batch_window_ms: float = 5.0
+    """How long the first request of a batch waits for others to join it."""
+    batching: bool = True
+    """False: one request at a time (max_batch 1, no window)."""
+    poll_seconds: float = 2.0
+    """How often the `current` pointer is checked for a new version (0: only on POST /admin/reload)."""
+    max_body_bytes: int = 65_536
+    max_pending: int = 256
+    """Requests queued or in a batch at once; more are answered 503."""
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            raise RagkitError("no index given (pass the output directory of `ragkit index`)")
+        self.index = str(self.index)
+        for name in ("mine", "alpha", "reader"):
+            value = getattr(self, name)
+            setattr(self, name, str(value) if value is not None else None)
+        _check_encoding(self)
+        if not 0 < self.port < 65536:
+            raise RagkitError(f"port={self.port!r} must be in 1..65535")
+        for name in ("max_batch", "max_body_bytes", "max_pending"):
+            _check_positive(name, getattr(self, name))
+        for name in ("batch_window_ms", "poll_seconds"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if not self.batching:
+            self.max_batch, self.batch_window_ms = 1, 0.0
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The retrieval modes this configuration can serve."""
+        from .indexing.retrieval import MODES
+
+        return tuple(m for m in MODES if m == "dense" or (self.mine and (m == "bm25" or self.alpha is not None)))

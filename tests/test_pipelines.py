@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -291,8 +292,12 @@ def ingest_counts(tmp_path_factory):
     return ingest([str(root)], str(root.parent / "ingest"), window=0, dev_fraction=0.5).counts
 
 
+ANSWER_METRICS = {"em", "f1"}
+"""What `ragkit answer` writes to its flat metrics.json, in %."""
+
+
 def test_recipes_exist():
-    assert {p.parent.name for p in RECIPES} >= {"scifact", "squadshifts"}
+    assert {p.parent.name for p in RECIPES} >= {"scifact", "squadshifts", "nq"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.parent.name)
@@ -305,7 +310,10 @@ def test_recipe_parses_and_names_what_ragkit_writes(path, ingest_counts):
     assert splits >= {"train", "dev"}
     for stage in recipe.stages:
         for e in stage.expectations:
-            if e.kind == "score":
+            if e.kind == "score" and e.split is None:  # an answer artifact's flat metrics, in %
+                assert e.name in ANSWER_METRICS, f"{path}: {stage.name} names {e.name}, not an answer metric"
+                assert 0.0 <= e.expected <= 100.0 and 0.0 < e.tolerance < 10
+            elif e.kind == "score":
                 assert e.name in metric_names, f"{path}: {stage.name} names {e.name}, not a ragkit metric"
                 assert e.split in splits, f"{path}: {stage.name} scores split {e.split!r}, which ingest does not count"
                 assert 0.0 <= e.expected <= 1.0 and 0.0 < e.tolerance < 0.1
@@ -335,6 +343,36 @@ def test_makefile_runs_the_recipe_commands(path):
         # Each stage is a make target whose own recipe lines end its dry run, in the recorded order.
         assert make_commands(path.parent, stage.name, variables)[-len(commands):] == commands
     assert make_commands(path.parent, "all", variables) == recorded
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_nq_dry_run_commands_parse_as_ragkit_commands():
+    """Every ragkit line of `make -n all` names an existing (sub)command and parses with its flags."""
+    import typer.main
+
+    from ragkit.cli import app
+
+    out = subprocess.run(["make", "-n", "-s", "-C", str(PIPELINES / "nq"), "all", "RAGKIT=RAGKIT", "DATA=/data",
+                          "WORK=/work-dir"], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("RAGKIT ")]
+    root = typer.main.get_command(app)
+    parsed = []
+    for line in lines:
+        args = shlex.split(line)[1:]
+        command, path = root, []
+        while hasattr(command, "commands"):  # a group (typer carries its own copy of click)
+            name = args[0] if args and args[0] in command.commands else "build"  # `ragkit index X` builds
+            assert name in command.commands, f"{line}: no command {' '.join(path + [args[0]])}"
+            command, path = command.commands[name], path + [name]
+            args = args[1:] if args and args[0] == name else args
+        try:
+            command.make_context(" ".join(path), list(args))
+        except Exception as exc:  # click's UsageError: an unknown flag, a bad value, a missing argument
+            raise AssertionError(f"{line}: {getattr(exc, 'format_message', exc.__str__)()}") from None
+        parsed.append(" ".join(path))
+    assert parsed == ["ingest", "mine", "evaluate", "train retriever", "index build", "evaluate", "train reader", "answer",
+                      "train reader", "answer"]
+    assert "--batch-size 128 --chunk-size 32" in lines[3] and "--device cuda" in lines[3]
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,12 +92,7 @@ class PassageRetriever:
     def __init__(self, version: IndexVersion, searcher: DenseSearcher, passages: VersionPassages, *, mode: str = "dense",
                  bm25: Any = None, bm25_lookup: PassageLookup | None = None, alpha: float | None = None,
                  normalize: bool = False, source: str = "index") -> None:
-        if mode not in MODES:
-            raise RagkitError(f"retrieval={mode!r} is not one of {', '.join(MODES)}")
-        if mode != "dense" and bm25 is None:
-            raise RagkitError(f"{mode} retrieval needs a BM25 index: pass --bm25 with the `ragkit mine` artifact of the index's ingest artifact")
-        if mode == "hybrid" and alpha is None:
-            raise RagkitError("hybrid retrieval needs alpha: pass --alpha with a number or a `ragkit hybrid` artifact")
+        check_mode(mode, bm25, alpha)
         self.version = version
         self.searcher = searcher
         self.passages = passages
@@ -145,6 +141,20 @@ class PassageRetriever:
         weight, normalize = read_alpha(alpha) if mode == "hybrid" else (None, False)
         return cls(index_version, searcher, VersionPassages(index_version, ingest_dir), mode=mode, bm25=bm25,
                    bm25_lookup=lookup, alpha=weight, normalize=normalize, source=str(index))
+
+    def with_mode(self, mode: str, *, bm25: Any = None, bm25_lookup: PassageLookup | None = None,
+                  alpha: float | None = None, normalize: bool = False) -> "PassageRetriever":
+        """This version's retriever in another mode, sharing its index, query tower, vectors and passages
+        (nothing is loaded again); ``bm25`` / ``bm25_lookup`` from :func:`open_bm25`, ``alpha`` /
+        ``normalize`` from :func:`read_alpha`, default this retriever's own."""
+        bm25 = self.bm25 if bm25 is None else bm25
+        alpha = self.alpha if alpha is None else alpha
+        check_mode(mode, bm25, alpha)
+        other = copy.copy(self)
+        other.mode, other.bm25, other.alpha = mode, bm25, alpha
+        other.bm25_lookup = self.bm25_lookup if bm25_lookup is None else bm25_lookup
+        other.normalize = normalize or self.normalize
+        return other
 
     @property
     def dimension(self) -> int:
@@ -207,6 +217,16 @@ class PassageRetriever:
         rows = [self.passages.get(pid) for pid in ids]
         return Retrieved(ids, [r["title"] for r in rows], [r["text"] for r in rows], list(ranking.scores[:k]),
                          np.array([self.row_of[pid] for pid in ids], dtype=np.int64))
+
+
+def check_mode(mode: str, bm25: Any, alpha: float | None) -> None:
+    """Refuse a retrieval mode that lacks its BM25 index or its hybrid weight."""
+    if mode not in MODES:
+        raise RagkitError(f"retrieval={mode!r} is not one of {', '.join(MODES)}")
+    if mode != "dense" and bm25 is None:
+        raise RagkitError(f"{mode} retrieval needs a BM25 index: pass --bm25 with the `ragkit mine` artifact of the index's ingest artifact")
+    if mode == "hybrid" and alpha is None:
+        raise RagkitError("hybrid retrieval needs alpha: pass --alpha with a number or a `ragkit hybrid` artifact")
 
 
 def open_bm25(mine: str | Path, ingest_dir: Path) -> tuple[Any, PassageLookup]:
