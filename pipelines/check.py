@@ -19,8 +19,7 @@ the scores that artifact must hold, each within a tolerance, with the published 
 
     [[stage.score]]                    # metrics[split][metric]
     split = "dev"                      # (with `run = "bm25"`: metrics[run][split][metric], the layout of
-                                       # `ragkit evaluate` given several runs; without a split:
-                                       # metrics[metric], the flat layout of `ragkit answer`)
+                                       # `ragkit evaluate` given several runs)
     metric = "ndcg@10"
     expected = 0.6989
     reference = 0.665                  # optional: the literature's number, shown beside ours
@@ -203,8 +202,7 @@ def _expectations(where: _Where, index: int, stage: str, table: dict, tolerance:
             _known_keys(entry, kind, fail)
             if kind == "score":
                 name = _field(entry, "metric", str, fail, "name the metric, e.g. metric = \"ndcg@10\"")
-                # No split: a flat metrics file (``ragkit answer``'s), read as metrics[metric].
-                split = _field(entry, "split", str, fail, "name the split, e.g. split = \"dev\"", None)
+                split = _field(entry, "split", str, fail, "name the split, e.g. split = \"dev\"")
                 own = _field(entry, "tolerance", (int, float), fail, "tolerance is a number", tolerance)
                 if own is None:
                     raise fail("no tolerance (set tolerance = <number> here or on its stage)")
