@@ -78,3 +78,21 @@ def index(ingest: str, out: str, model: str = "minilm", **options):
     from .indexing.stage import run
 
     return run(IndexConfig(ingest=str(ingest), out=str(out), model=str(model), **options))
+
+
+def train_reader(index: str, out: str, generator: str = "smollm2", **options: Any):
+    """Fine-tune a RAG reader (generator + query tower) over a fixed index (see :class:`ragkit.reader.config.TrainReaderConfig`)."""
+    from .reader.config import TrainReaderConfig
+    from .reader.train import run
+
+    return run(TrainReaderConfig(index=str(index), out=str(out), generator=str(generator), **options))
+
+
+def answer(reader: str = "smollm2", question: str | None = None, **options: Any):
+    """One question's :class:`~ragkit.reader.rag.Prediction`, or (with ``split=`` / ``questions=`` and ``out=``)
+    the manifest of an answer artifact (see :class:`ragkit.reader.config.AnswerConfig`)."""
+    from .reader.answer import answer_one, run
+    from .reader.config import AnswerConfig
+
+    cfg = AnswerConfig(reader=str(reader), question=question, **options)
+    return answer_one(cfg) if question is not None else run(cfg)

@@ -214,3 +214,18 @@ def test_bad_inputs_are_refused_in_one_line(data, tmp_path):
                                                            "--n-docs", 0, "--out", tmp_path / "o")
     with pytest.raises(RagkitError, match="needs --bm25"):
         train_config(data, tmp_path / "x", retrieval="bm25")
+
+
+def test_python_functions_match_the_cli(data, tmp_path):
+    import ragkit
+
+    question = corpus()[1]["dev"][0]["question"]
+    prediction = ragkit.answer(str(data["llama"]), question, index=str(data["index"]), n_docs=2, max_new_tokens=3,
+                               precision="fp32")
+    printed = invoke("answer", data["llama"], question, "--index", data["index"], "--n-docs", 2, "--max-new-tokens", 3,
+                     "--precision", "fp32").output
+    assert printed.splitlines()[0] == f"answer: {prediction.answer}" and len(prediction.passages) == 2
+    manifest = ragkit.train_reader(str(data["index"]), str(tmp_path / "reader"), generator=str(data["llama"]), n_docs=2,
+                                   batch_size=2, max_steps=1, eval_max_questions=1, precision="fp32", device="cpu",
+                                   max_input_length=64)
+    assert manifest.stage == "train-reader" and (tmp_path / "reader" / "reader.json").is_file()
