@@ -197,7 +197,7 @@ class ReaderTrainer:
         grad_norm, lr = optimizer_step(self.optimizer, self.scheduler, self.scaler, self.parameters, cfg.max_grad_norm)
         self.reader.generator.model.eval()
         self.reader.encoder.eval()
-        return float(mean), retrieval_recall(found, batch["answers"]), lr, grad_norm
+        return float(mean.detach()), retrieval_recall(found, batch["answers"]), lr, grad_norm
 
     def _watch_recall(self, state: ReaderTrainState, recall: float, bar: Any) -> None:
         window = self.cfg.recall_window
