@@ -24,7 +24,6 @@ BENCHMARKS = {
     "ablation": ["bench_ablation.py"],
     "index": ["bench_index.py"],
     "encode": ["bench_encode.py"],
-    "answer": ["bench_answer.py", "--index", "artifacts/demo/index", "--questions", "32"],
 }
 
 

@@ -69,6 +69,8 @@ class TrainReaderConfig:
     """Generator input tokens per (question, passage) pair; a longer passage loses its end."""
     max_new_tokens: int = 16
     """Longest answer decoded during evaluation."""
+    decoding: str | None = None
+    """Decoding of the evaluation answers: greedy | beam | thorough | fast; None: the marginal's own."""
     precision: str = "auto"
     device: str = "auto"
     checkpoint_every: int = 0
@@ -93,6 +95,8 @@ class TrainReaderConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.temperature is not None:
             _check_positive("temperature", self.temperature)
+        if self.decoding is not None:
+            _check_choice("decoding", self.decoding, DECODINGS)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise RagkitError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
 

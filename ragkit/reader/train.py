@@ -218,7 +218,7 @@ class ReaderTrainer:
     def _evaluate(self, state: ReaderTrainState, log: Any, bar: Any, keep_best: bool = True) -> dict[str, Any]:
         from .decode import DecodingOptions
 
-        _, metrics = answer_questions(self.reader, self.retriever, self.eval_questions, self.cfg.n_docs,
+        _, metrics = answer_questions(self.reader, self.retriever, self.eval_questions, self.cfg.n_docs, self.cfg.decoding,
                                       options=DecodingOptions(max_new_tokens=self.cfg.max_new_tokens))
         log.write(json.dumps({"step": state.step, "split": self.eval_split, **metrics}) + "\n")
         log.flush()
