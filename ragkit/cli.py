@@ -209,6 +209,8 @@ def train_reader(
     freeze_query_encoder: Optional[bool] = typer.Option(None, "--freeze-query-encoder/--train-query-encoder", help="Train the generator only."),
     max_input_length: Optional[int] = typer.Option(None, help="Generator input tokens per (question, passage) pair."),
     decoding: Optional[str] = typer.Option(None, help="Evaluation decoding: greedy | beam | thorough | fast (default: the marginal's own)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Recompute generator activations in backward: less memory, more time."),
     precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: none)."),
@@ -228,7 +230,8 @@ def train_reader(
         eval_split=eval_split, eval_max_questions=eval_max_questions, eval_every=eval_every,
         max_train_questions=max_train_questions, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr,
         warmup=warmup, label_smoothing=label_smoothing, freeze_query_encoder=freeze_query_encoder,
-        max_input_length=max_input_length, decoding=decoding, precision=precision, device=device,
+        max_input_length=max_input_length, decoding=decoding, gradient_checkpointing=gradient_checkpointing,
+        precision=precision, device=device,
         checkpoint_every=checkpoint_every, resume=resume, seed=seed, overwrite=overwrite,
     )
     manifest = run(cfg)

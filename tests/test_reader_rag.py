@@ -229,3 +229,12 @@ def test_python_functions_match_the_cli(data, tmp_path):
                                    batch_size=2, max_steps=1, eval_max_questions=1, precision="fp32", device="cpu",
                                    max_input_length=64)
     assert manifest.stage == "train-reader" and (tmp_path / "reader" / "reader.json").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_training(data, tmp_path):
+    plain = run(train_config(data, tmp_path / "plain", max_steps=2, eval_split="dev", eval_max_questions=1))
+    saved = run(train_config(data, tmp_path / "saved", max_steps=2, eval_split="dev", eval_max_questions=1,
+                             gradient_checkpointing=True))
+    assert plain.counts["steps"] == saved.counts["steps"] == 2
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "saved")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -119,6 +119,8 @@ class ReaderTrainer:
                                                precision=cfg.precision)
         if cfg.n_docs > len(self.retriever):
             raise RagkitError(f"{cfg.index}: --n-docs {cfg.n_docs} is more than the {len(self.retriever)} passages it holds")
+        if cfg.gradient_checkpointing:
+            self.reader.generator.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder = self.reader.encoder
         encoder.requires_grad_(not cfg.freeze_query_encoder)
         trained = [self.reader.generator.model] + ([] if cfg.freeze_query_encoder else [encoder])
