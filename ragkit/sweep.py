@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import Manifest, write_json_atomic, write_text_atomic
-from .config import EvaluateConfig, IndexConfig, TrainRetrieverConfig, read_toml
+from .config import EvaluateConfig, HybridConfig, IndexConfig, TrainRetrieverConfig, read_toml
 from .errors import RagkitError
 
 RESULT = "result.json"
@@ -71,6 +71,8 @@ class SweepSpec:
     dev_split: str = "dev"
     threads: int = 0
     """torch threads for every run (0: torch's default)."""
+    hybrid: bool = True
+    """Also fuse each run with BM25 (``ragkit hybrid``, alpha tuned on validation) and report it on dev."""
     source: str = "<sweep>"
 
     def __post_init__(self) -> None:
@@ -168,6 +170,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train, search dev and score one run, unless ``result.json`` says it is done; return its result."""
     from .evaluation import run as evaluate
+    from .indexing.hybrid import run as fuse
     from .indexing.stage import run as index
     from .retriever.trainer import run as train
 
@@ -193,12 +196,17 @@ def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, An
         write_json_atomic(timing_path, {"train_seconds": round(time.perf_counter() - started, 1)})
     timing = json.loads(timing_path.read_text(encoding="utf-8"))
     manifest = Manifest.load(retriever)
-    print(f"sweep: searching {spec.dev_split} with {name}", flush=True)
+    print(f"sweep: searching {VALIDATION} and {spec.dev_split} with {name}", flush=True)
     started = time.perf_counter()
-    index(IndexConfig(ingest=spec.mine, model=str(retriever), splits=[spec.dev_split], out=str(folder / "index"),
-                      overwrite=True))
-    scored = evaluate(EvaluateConfig(runs=[str(folder / "index")], splits=[spec.dev_split], out=str(folder / "eval"),
-                                     overwrite=True))
+    index(IndexConfig(ingest=spec.mine, model=str(retriever), splits=[VALIDATION, spec.dev_split],
+                      out=str(folder / "index"), overwrite=True))
+    runs = [f"trained={folder / 'index'}"]
+    if spec.hybrid:
+        fused = fuse(HybridConfig(dense=str(folder / "index"), bm25=spec.mine, out=str(folder / "hybrid"),
+                                  splits=[spec.dev_split], tune_split=VALIDATION, overwrite=True))
+        runs.append(f"hybrid={folder / 'hybrid'}")
+    scored = evaluate(EvaluateConfig(runs=runs, splits=[spec.dev_split], out=str(folder / "eval"), overwrite=True))
+    scores = scored.metrics if spec.hybrid else {"trained": scored.metrics}
     result = {
         "name": name, "setting": setting, "seed": seed, "config": wanted,
         "select_metric": manifest.metrics.get("select_metric"), "best_step": manifest.metrics.get("best_step"),
@@ -206,7 +214,9 @@ def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, An
         "train_seconds": timing["train_seconds"], "dev_seconds": round(time.perf_counter() - started, 1),
         "validation": manifest.metrics.get(VALIDATION) or {}, "validation_start": manifest.metrics.get("validation_start"),
         "bm25_validation": manifest.metrics.get("bm25_validation") or {},
-        "dev": scored.metrics[spec.dev_split],
+        "dev": scores["trained"][spec.dev_split],
+        "hybrid_dev": scores["hybrid"][spec.dev_split] if spec.hybrid else {},
+        "hybrid_alpha": fused.metrics.get("alpha") if spec.hybrid else None,
         "curve": validation_curve(retriever / "metrics.jsonl"),
     }
     write_json_atomic(result_path, result)
@@ -250,6 +260,9 @@ def summarise(spec: SweepSpec, results: list[dict[str, Any]]) -> list[dict[str, 
                     raise RagkitError(f"{spec.source}: {split} metrics have no {metric!r} (choose select from "
                                       f"{', '.join(sorted(k for k in runs[0][split] if '@' in k))})")
                 row[f"{split} {metric}"] = mean_std([float(v) for v in values])
+        if all(r.get("hybrid_dev") for r in runs):
+            for metric in dict.fromkeys((select, "ndcg@10", top20(runs[0]["dev"]))):
+                row[f"hybrid-dev {metric}"] = mean_std([float(r["hybrid_dev"][metric]) for r in runs])
         row["train min"] = mean_std([r["train_seconds"] / 60 for r in runs])
         rows.append(row)
     return rows
@@ -294,12 +307,12 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
     metrics = sorted({m for r in results for m in r[VALIDATION] if "@" in m})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(keys + ["seed", "steps", "best_step", "train_seconds", "dev_seconds"]
-                    + [f"{VALIDATION} {m}" for m in metrics] + [f"dev {m}" for m in metrics])
+    writer.writerow(keys + ["seed", "steps", "best_step", "train_seconds", "dev_seconds", "hybrid_alpha"]
+                    + [f"{split} {m}" for split in (VALIDATION, "dev", "hybrid-dev") for m in metrics])
     for r in results:
         writer.writerow([format_value(r["setting"].get(k, "")) for k in keys]
-                        + [r["seed"], r["steps"], r["best_step"], r["train_seconds"], r["dev_seconds"]]
-                        + [r[VALIDATION].get(m, "") for m in metrics] + [r["dev"].get(m, "") for m in metrics])
+                        + [r["seed"], r["steps"], r["best_step"], r["train_seconds"], r["dev_seconds"], r.get("hybrid_alpha", "")]
+                        + [r[split].get(m, "") for split in (VALIDATION, "dev", "hybrid_dev") for m in metrics])
     write_text_atomic(path, buffer.getvalue())
 
 

@@ -86,7 +86,9 @@ def test_a_sweep_of_two_runs_writes_its_table_and_picks_the_winner_on_validation
         # Validation is what training recorded; dev is the evaluate stage's score of the dev split's search.
         trained = json.loads((out / name / "retriever" / "manifest.json").read_text())["metrics"]
         assert trained["eval_split"] == "validation" and result["validation"] == trained["validation"]
-        assert result["dev"] == json.loads((out / name / "eval" / "metrics.json").read_text())["dev"]
+        scored = json.loads((out / name / "eval" / "metrics.json").read_text())
+        assert result["dev"] == scored["trained"]["dev"] and result["hybrid_dev"] == scored["hybrid"]["dev"]
+        assert isinstance(result["hybrid_alpha"], float)
         assert result["dev"]["questions"] == len(corpus()[2])
     with open(out / "sweep.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -109,7 +111,7 @@ def test_a_sweep_of_two_runs_writes_its_table_and_picks_the_winner_on_validation
     assert "Winner on validation accuracy@5: `lr=1e-05`" in table
     winner_line = next(line for line in table.splitlines() if "(winner)" in line)
     assert winner_line.startswith("| 1e-05 |") and "0.900" in winner_line and "0.100" in winner_line
-    assert "| BM25 |" in table
+    assert "| BM25 |" in table and "hybrid-dev accuracy@5" in table
     assert json.loads((out / "sweep.json").read_text())["winner"] == "lr=1e-05"
 
 
