@@ -289,6 +289,21 @@ def answer(
     typer.echo(format_metrics(manifest.metrics))
 
 
+@app.command()
+@stage_command
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep file (TOML): mine, out, seeds, select, [train], [grid], [[runs]]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's `out`)."),
+) -> None:
+    """Train a retriever under several settings and seeds (resumable); name the best on validation."""
+    from .sweep import load_spec, run
+
+    cfg = load_spec(spec, str(out) if out else None)
+    best = run(cfg)
+    typer.echo((Path(cfg.out) / "sweep.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {cfg.out}/sweep.md, sweep.csv, sweep.png; winner on validation: {best['name']}")
+
+
 @export_app.command("dpr")
 @stage_command
 def export_dpr(

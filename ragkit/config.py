@@ -28,18 +28,23 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 C = TypeVar("C")
 
 
+def read_toml(path: Path, missing: str) -> dict[str, Any]:
+    """The tables of a TOML file; ``missing`` says what to do when it does not exist."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RagkitError(f"{path}: {missing}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RagkitError(f"{path}: invalid TOML ({exc}); fix the syntax") from None
+
+
 def load_config(cls: type[C], toml_path: str | Path | None = None, section: str | None = None, **overrides: Any) -> C:
     """Build ``cls`` from defaults < TOML file < keyword overrides (``None`` overrides are ignored)."""
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
     if toml_path is not None:
         toml_path = Path(toml_path)
-        try:
-            data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RagkitError(f"{toml_path}: config file not found (check the --config path)") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise RagkitError(f"{toml_path}: invalid TOML ({exc}); fix the syntax") from None
+        data = read_toml(toml_path, "config file not found (check the --config path)")
         if section is not None and isinstance(data.get(section), dict):
             data = data[section]
         for key, value in data.items():
