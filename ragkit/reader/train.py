@@ -120,7 +120,11 @@ class ReaderTrainer:
         if cfg.n_docs > len(self.retriever):
             raise RagkitError(f"{cfg.index}: --n-docs {cfg.n_docs} is more than the {len(self.retriever)} passages it holds")
         if cfg.gradient_checkpointing:
-            self.reader.generator.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = self.reader.generator.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder = self.reader.encoder
         encoder.requires_grad_(not cfg.freeze_query_encoder)
         trained = [self.reader.generator.model] + ([] if cfg.freeze_query_encoder else [encoder])
