@@ -40,7 +40,7 @@ from ..config import as_dict
 from ..errors import RagkitError
 from ..evaluation import find_ingest, load_questions
 from ..indexing.versions import IndexVersion
-from ..retriever.checkpoints import latest_checkpoint, rng_state, set_rng_state, truncate_log
+from ..retriever.checkpoints import check_same_settings, latest_checkpoint, rng_state, set_rng_state, truncate_log
 from ..retriever.trainer import optimizer_step, parameter_groups, seed_everything, warmup_linear_decay, warmup_steps_for
 from .answer import answer_questions, sample_rows
 from .config import TrainReaderConfig
@@ -53,7 +53,6 @@ STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
 BEST = "best"
 EVAL_SPLITS = ("validation", "dev")
-RESUMABLE_CHANGES = ("resume", "overwrite", "checkpoint_every", "device")
 
 
 @dataclasses.dataclass
@@ -264,11 +263,7 @@ class ReaderTrainer:
     def _restore(self, checkpoint: Path) -> ReaderTrainState:
         saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
         current = as_dict(self.cfg)
-        changed = [k for k in current if k not in RESUMABLE_CHANGES and saved["config"].get(k) != current[k]]
-        if changed:
-            name = changed[0]
-            raise RagkitError(f"{checkpoint}: was trained with {name}={saved['config'].get(name)!r}, now {current[name]!r} "
-                              f"(resume with the same settings, or pass --overwrite to start over)")
+        check_same_settings(checkpoint, saved["config"], current)
         if saved["index_manifest_sha256"] != hash_file(Path(self.cfg.index) / "manifest.json"):
             raise RagkitError(f"{checkpoint}: the index {self.cfg.index} was rebuilt since (pass --overwrite to start over)")
         self.optimizer.load_state_dict(saved["optimizer"])

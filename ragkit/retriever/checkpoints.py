@@ -88,13 +88,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Path) -> TrainState:
     """Load optimiser, schedule, scaler, random state and data position (the weights are already loaded)."""
     saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     current = as_dict(trainer.cfg)
-    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved["config"].get(k) != current[k]]
-    if changed:
-        name = changed[0]
-        raise RagkitError(
-            f"{checkpoint}: was trained with {name}={saved['config'].get(name)!r}, now {name}={current[name]!r} "
-            f"(resume with the same settings, or pass --overwrite to start over)"
-        )
+    check_same_settings(checkpoint, saved["config"], current)
     if saved["mine_manifest_sha256"] != hash_file(trainer.mine_dir / "manifest.json"):
         raise RagkitError(f"{checkpoint}: the mine artifact {trainer.mine_dir} was rebuilt since (pass --overwrite to start over)")
     if saved["world_size"] != trainer.dist.world_size:
@@ -112,6 +106,17 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Path) -> TrainState:
             torch.load(checkpoint / f"negative-cache-rank{trainer.dist.rank}.pt", map_location="cpu", weights_only=True)
         )
     return TrainState(**saved["state"])
+
+
+def check_same_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a run whose settings (other than :data:`RESUMABLE_CHANGES`) changed since ``checkpoint``."""
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        name = changed[0]
+        raise RagkitError(
+            f"{checkpoint}: was trained with {name}={saved.get(name)!r}, now {name}={current[name]!r} "
+            f"(resume with the same settings, or pass --overwrite to start over)"
+        )
 
 
 def latest_checkpoint(work: Path) -> Path | None:
