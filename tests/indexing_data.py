@@ -108,9 +108,19 @@ def brute_force(queries: np.ndarray, passages: np.ndarray, k: int) -> tuple[np.n
     return rows, np.take_along_axis(scores, rows, axis=1)
 
 
-def build_indexed(root: Path, invoke) -> dict[str, Path]:
-    """An ingest artifact, a tiny model, its BM25 mine artifact and a float32 Flat index, through the CLI
-    (``invoke(*args)`` runs one command and checks it succeeded)."""
+def invoke(*args):
+    """Run one ``ragkit`` command in-process and check it succeeded; its result."""
+    from typer.testing import CliRunner
+
+    from ragkit.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def build_indexed(root: Path) -> dict[str, Path]:
+    """An ingest artifact, a tiny model, its BM25 mine artifact and a float32 Flat index, through the CLI."""
     ingest = write_ingest(root)
     model = write_tiny_model(root / "tiny")
     invoke("mine", ingest, "--out", root / "mine", "--depth", 20)

@@ -8,27 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from indexing_data import brute_force, build_indexed, corpus, direct_passage_vectors, direct_query_vectors, write_tiny_model
-from ragkit.cli import app
+from indexing_data import brute_force, build_indexed, corpus, invoke, direct_passage_vectors, direct_query_vectors, write_tiny_model
 from ragkit.errors import RagkitError
 from ragkit.indexing.fusion import linear_fusion
 from ragkit.indexing.retrieval import PassageRetriever
 from ragkit.runs import iter_trec, Run
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    return build_indexed(tmp_path_factory.mktemp("retrieval"), invoke)
+    return build_indexed(tmp_path_factory.mktemp("retrieval"))
 
 
 def dev_questions() -> list[dict]:

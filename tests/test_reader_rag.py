@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from indexing_data import brute_force, build_indexed, corpus, direct_passage_vectors, direct_query_vectors, write_tiny_model
+from indexing_data import brute_force, build_indexed, corpus, invoke, direct_passage_vectors, direct_query_vectors, write_tiny_model
 from tiny_generators import one_thread, tiny_bart, tiny_llama  # noqa: F401  (one_thread: autouse fixture)
 from ragkit.answers import exact_match, f1
 from ragkit.artifacts import hash_file
@@ -28,15 +28,9 @@ runner = CliRunner()
 TEMPERATURE = 0.5
 
 
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    data = build_indexed(tmp_path_factory.mktemp("rag"), invoke)
+    data = build_indexed(tmp_path_factory.mktemp("rag"))
     tiny_llama(data["root"] / "llama")
     tiny_bart(data["root"] / "bart")
     return {**data, "llama": data["root"] / "llama", "bart": data["root"] / "bart"}
