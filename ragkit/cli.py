@@ -131,6 +131,10 @@ def train_retriever(
     passage_max_length: Optional[int] = typer.Option(None, help="Passage tokens kept (title + text)."),
     batch_size: Optional[int] = typer.Option(None, help="Questions per step, over all processes."),
     hard_negatives: Optional[int] = typer.Option(None, help="Mined negatives per question (rotated across epochs)."),
+    negative_offset: Optional[int] = typer.Option(None, help="Skip this many top-ranked mined negatives (likely unlabelled positives)."),
+    mask_known_positives: Optional[bool] = typer.Option(
+        None, "--mask-known-positives/--no-mask-known-positives",
+        help="Keep passages labelled relevant to a question (positives, answer passages) out of its in-batch negatives."),
     chunk_size: Optional[int] = typer.Option(None, help="Gradient cache chunk in rows (0: plain step)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the training examples."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (overrides --epochs)."),
@@ -163,7 +167,8 @@ def train_retriever(
         passage_model=passage_model,
         shared=shared, pooling=pooling, normalize=normalize, similarity=similarity, temperature=temperature, loss=loss,
         query_max_length=query_max_length, passage_max_length=passage_max_length, batch_size=batch_size,
-        hard_negatives=hard_negatives, chunk_size=chunk_size, epochs=epochs, max_steps=max_steps, lr=lr,
+        hard_negatives=hard_negatives, negative_offset=negative_offset, mask_known_positives=mask_known_positives,
+        chunk_size=chunk_size, epochs=epochs, max_steps=max_steps, lr=lr,
         weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, precision=precision, device=device,
         eval_every=eval_every, eval_max_passages=eval_max_passages, eval_batch_size=eval_batch_size,
         select_metric=select_metric, checkpoint_every=checkpoint_every, resume=resume, seed=seed, guide=guide,
@@ -294,12 +299,14 @@ def answer(
 def sweep(
     spec: Path = typer.Argument(..., help="Sweep file (TOML): mine, out, seeds, select, [train], [grid], [[runs]]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's `out`)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: train only runs I, I+N, I+2N, ... of the plan (one process per shard)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing; write the tables from the finished runs."),
 ) -> None:
     """Train a retriever under several settings and seeds (resumable); name the best on validation."""
-    from .sweep import load_spec, run
+    from .sweep import load_spec, parse_shard, run
 
     cfg = load_spec(spec, str(out) if out else None)
-    best = run(cfg)
+    best = run(cfg, shard=parse_shard(shard), train=not report_only)
     typer.echo((Path(cfg.out) / "sweep.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {cfg.out}/sweep.md, sweep.csv, sweep.png; winner on validation: {best['name']}")
 

@@ -174,6 +174,12 @@ class TrainRetrieverConfig:
     """Questions per optimiser step, summed over all processes."""
     hard_negatives: int = 1
     """Mined negatives per question, rotated across epochs."""
+    negative_offset: int = 0
+    """Skip this many of each question's top-ranked mined negatives: the first BM25 ranks hold most of the
+    relevant passages nobody labelled."""
+    mask_known_positives: bool = True
+    """Keep every passage labelled relevant to a question (its positives, the passages mining found to
+    contain its answer) out of that question's in-batch negatives."""
     chunk_size: int = 0
     """> 0: gradient cache with sub-batches of this many rows (same gradients, less memory); 0: plain step."""
     epochs: int = 1
@@ -224,7 +230,7 @@ class TrainRetrieverConfig:
         for name in ("temperature", "lr", "query_max_length", "passage_max_length", "batch_size", "eval_batch_size",
                      "eval_max_passages"):
             _check_positive(name, getattr(self, name))
-        for name in ("hard_negatives", "chunk_size", "epochs", "max_steps", "weight_decay", "warmup",
+        for name in ("hard_negatives", "negative_offset", "chunk_size", "epochs", "max_steps", "weight_decay", "warmup",
                      "max_grad_norm", "eval_every", "checkpoint_every", "negative_cache", "guide_margin"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.epochs == 0 and self.max_steps == 0:

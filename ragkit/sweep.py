@@ -27,9 +27,12 @@ training finished but not its dev evaluation only evaluates.
 Validation metrics are the ones training recorded for the kept model (its manifest's ``validation``
 metrics, present when the ingest artifact has a ``validation`` split). The winner is the setting with the
 best mean validation ``select`` metric over its seeds; dev metrics are reported beside it and never
-used to choose. ``<out>/sweep.csv`` has one row per run, ``sweep.md`` the mean ± standard deviation
-(over seeds, n - 1 denominator) per setting, ``sweep.png`` each run's validation curve against steps
-(with ``eval_every``) and the final scores against training time.
+used to choose; when settings ran on different seeds they are compared on the seeds all of them share.
+``--shard I/N`` lets N processes (or machines) share one sweep directory, each training every N-th run;
+``--report-only`` writes the tables from the runs finished so far. ``<out>/sweep.csv`` has one row per
+run, ``sweep.md`` the mean ± standard deviation (over seeds, n - 1 denominator) per setting, ``sweep.png``
+each run's validation curve against steps (with ``eval_every``) and the final scores against training
+time.
 """
 
 from __future__ import annotations
@@ -179,12 +182,9 @@ def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, An
     cfg = train_config(spec, setting, seed, folder / "retriever")
     wanted = comparable(dataclasses.asdict(cfg))
     result_path = folder / RESULT
-    if result_path.is_file():
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-        if result.get("config") == json.loads(json.dumps(wanted)):
-            return result
-        raise RagkitError(f"{result_path}: was trained with other settings than {spec.source} asks for "
-                          f"(remove {folder} to retrain it)")
+    done = stored_result(spec, setting, seed)
+    if done is not None:
+        return done
     folder.mkdir(parents=True, exist_ok=True)
     timing_path = folder / "timing.json"
     retriever = folder / "retriever"
@@ -253,6 +253,7 @@ def summarise(spec: SweepSpec, results: list[dict[str, Any]]) -> list[dict[str, 
         if not runs:
             continue
         row: dict[str, Any] = {"name": setting_name(setting), "setting": setting, "seeds": len(runs)}
+        row["per_seed"] = {r["seed"]: float(r[VALIDATION][select]) for r in runs if select in r[VALIDATION]}
         for split in (VALIDATION, "dev"):
             for metric in dict.fromkeys((select, "ndcg@10", top20(runs[0][split]))):
                 values = [r[split].get(metric) for r in runs]
@@ -268,10 +269,23 @@ def summarise(spec: SweepSpec, results: list[dict[str, Any]]) -> list[dict[str, 
     return rows
 
 
+def shared_seeds(rows: list[dict[str, Any]]) -> list[int]:
+    """The seeds every row has run (sorted); settings are compared on these, so a setting run on more
+    seeds, or on luckier ones, gains nothing from it."""
+    common = set.intersection(*(set(row["per_seed"]) for row in rows)) if rows else set()
+    return sorted(common)
+
+
 def winner(rows: list[dict[str, Any]], select: str) -> dict[str, Any]:
-    """The row with the best mean validation ``select`` metric (ties: the first listed). Dev is not read."""
-    key = f"{VALIDATION} {select}"
-    return max(rows, key=lambda row: row[key][0])
+    """The row with the best validation ``select`` metric, averaged over the seeds every row shares (over
+    each row's own seeds when none is shared; ties: the first listed). Dev is not read."""
+    seeds = shared_seeds(rows)
+
+    def score(row: dict[str, Any]) -> float:
+        values = [row["per_seed"][s] for s in seeds] if seeds else list(row["per_seed"].values())
+        return statistics.fmean(values)
+
+    return max(rows, key=score)
 
 
 def cell(value: Any, seeds: int) -> str:
@@ -282,7 +296,7 @@ def cell(value: Any, seeds: int) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], best: dict[str, Any], select: str, baselines: dict[str, dict[str, Any]]) -> str:
-    columns = [c for c in rows[0] if c not in ("name", "setting")]
+    columns = [c for c in rows[0] if c not in ("name", "setting", "per_seed")]
     keys = sorted({k for row in rows for k in row["setting"]})
     lines = ["| " + " | ".join(keys + columns) + " |", "|" + "---|" * (len(keys) + len(columns))]
     for row in rows:
@@ -298,7 +312,10 @@ def markdown(rows: list[dict[str, Any]], best: dict[str, Any], select: str, base
             values.append(f"{found:.3f}" if isinstance(found, (int, float)) and c != "seeds" else "")
         lines.append("| " + " | ".join([label] + [""] * (len(keys) - 1) + values) + " |")
     lines.append("")
-    lines.append(f"Winner on validation {select}: `{best['name']}` (dev is reported, never used to choose).")
+    seeds = shared_seeds(rows)
+    basis = (f"compared on the seed{'s' if len(seeds) > 1 else ''} every setting ran: {', '.join(map(str, seeds))}"
+             if seeds else "no seed shared by every setting: each compared on its own seeds")
+    lines.append(f"Winner on validation {select}: `{best['name']}` ({basis}; dev is reported, never used to choose).")
     return "\n".join(lines) + "\n"
 
 
@@ -346,8 +363,40 @@ def plot(path: Path, results: list[dict[str, Any]], select: str, bm25: dict[str,
     plt.close(fig)
 
 
-def run(spec: SweepSpec) -> dict[str, Any]:
-    """Run (or resume) every run of the sweep; write the tables and the plot; return the winning row."""
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N): this process trains the runs whose position in the plan is I modulo N."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise RagkitError(f"--shard {text!r} is not I/N with 0 <= I < N (e.g. --shard 0/2 and --shard 1/2 on two machines)")
+    return shard
+
+
+def stored_result(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """A finished run's result, or None while it has none; a result of other settings is refused."""
+    name = f"{setting_name(setting)}_seed={seed}"
+    path = Path(spec.out) / name / RESULT
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    wanted = comparable(dataclasses.asdict(train_config(spec, setting, seed, Path(spec.out) / name / "retriever")))
+    if result.get("config") != json.loads(json.dumps(wanted)):
+        raise RagkitError(f"{path}: was trained with other settings than {spec.source} asks for "
+                          f"(remove {path.parent} to retrain it)")
+    return result
+
+
+def run(spec: SweepSpec, shard: tuple[int, int] | None = None, train: bool = True) -> dict[str, Any]:
+    """Run (or resume) every run of the sweep; write the tables and the plot; return the winning row.
+
+    ``shard=(i, n)`` trains only the runs at positions ``i mod n`` of the plan (several processes or
+    machines share one sweep directory); ``train=False`` trains nothing. Either way the tables cover every
+    finished run, and ``sweep.md`` names the runs still missing."""
     if spec.threads:
         import torch
 
@@ -360,7 +409,17 @@ def run(spec: SweepSpec) -> dict[str, Any]:
             raise RagkitError(f"{ingest}: has no {split} questions, so the sweep cannot "
                               + ("choose without looking at dev (re-ingest with --validation-fraction)"
                                  if split == VALIDATION else "report dev (set dev_split to a split it has)"))
-    results = [run_one(spec, setting, seed) for setting, seeds in spec.plan() for seed in seeds]
+    planned = [(setting, seed) for setting, seeds in spec.plan() for seed in seeds]
+    results, missing = [], []
+    for position, (setting, seed) in enumerate(planned):
+        mine_to_train = train and (shard is None or position % shard[1] == shard[0])
+        result = run_one(spec, setting, seed) if mine_to_train else stored_result(spec, setting, seed)
+        if result is None:
+            missing.append(f"{setting_name(setting)}_seed={seed}")
+        else:
+            results.append(result)
+    if not results:
+        raise RagkitError(f"{spec.source}: no run has finished yet in {spec.out} (train them first, without --report-only)")
     select = spec.select if spec.select != "auto" else results[0]["select_metric"]
     rows = summarise(spec, results)
     best = winner(rows, select)
@@ -369,7 +428,10 @@ def run(spec: SweepSpec) -> dict[str, Any]:
     if start:
         baselines["untrained"] = {VALIDATION: start}
     write_csv(out / "sweep.csv", results)
-    write_text_atomic(out / "sweep.md", markdown(rows, best, select, baselines))
+    table = markdown(rows, best, select, baselines)
+    if missing:
+        table += f"\nNot finished yet ({len(missing)} of {len(planned)} runs): {', '.join(missing)}.\n"
+    write_text_atomic(out / "sweep.md", table)
     plot(out / "sweep.png", results, select, baselines["BM25"])
     write_json_atomic(out / "sweep.json", {"select": select, "winner": best["name"], "setting": best["setting"],
                                            "rows": rows})

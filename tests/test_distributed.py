@@ -1,4 +1,5 @@
-"""Two gloo processes, each with half of the global batch, give the loss and gradients of one process on all of it."""
+"""Two gloo processes, each with half of the global batch (and of its passage labels), give the loss and
+gradients of one process on all of it."""
 
 from __future__ import annotations
 
@@ -62,6 +63,17 @@ def global_batch() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return tokens(BATCH, 7), tokens(BATCH * GROUP, 11)
 
 
+def global_labels() -> dict[str, torch.Tensor]:
+    """Corpus rows that cross the ranks: query 3 (rank 1) has query 0's (rank 0) positive, and a hard
+    negative of query 4 (rank 1) is known to be relevant to query 0."""
+    rows = torch.arange(BATCH * GROUP)
+    rows[3 * GROUP] = rows[0]
+    known = torch.full((BATCH, 2), -1)
+    known[:, 0] = rows[::GROUP]
+    known[0, 1] = rows[4 * GROUP + 1]
+    return {"passage_rows": rows, "known_rows": known}
+
+
 def loss_fn() -> ContrastiveLoss:
     return ContrastiveLoss(temperature=0.05, directions=("query_to_passage", "passage_to_query"))
 
@@ -86,14 +98,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def _run_steps(rank: int, out_dir: str) -> None:
     query, passage = global_batch()
     local_query, local_passage = shard_batch(query, rank, WORLD), shard_batch(passage, rank, WORLD)
+    local_labels = shard_batch(global_labels(), rank, WORLD)  # (b * G,) rows, (b, K) known rows
     for shared, cached in SCENARIOS:
         model = DistributedDataParallel(tiny_encoder(shared))
         loss = global_loss(loss_fn())
         torch.manual_seed(dropout_seed(rank))
         if cached:
-            value = GradCache(model, loss, *CHUNKS)(local_query, local_passage)
+            value = GradCache(model, loss, *CHUNKS)(local_query, local_passage, **local_labels)
         else:
-            value = full_batch_step(model, loss, local_query, local_passage)
+            value = full_batch_step(model, loss, local_query, local_passage, **local_labels)
         grads = {name: p.grad for name, p in model.module.named_parameters()}
         torch.save({"loss": value, "grads": grads}, os.path.join(out_dir, f"{scenario_id(shared, cached)}-{rank}.pt"))
 
@@ -152,7 +165,8 @@ def single_process_reference(shared: bool, cached: bool):
         for start in range(p_rows.start, p_rows.stop, passage_chunk):
             rows = slice(start, min(start + passage_chunk, p_rows.stop))
             passage_reps.append(model(passage["input_ids"][rows], passage["attention_mask"][rows], tower="passage"))
-    loss = loss_fn()(torch.cat(query_reps), torch.cat(passage_reps))
+    loss = loss_fn()(torch.cat(query_reps), torch.cat(passage_reps), **global_labels())
+    assert not torch.isclose(loss, loss_fn()(torch.cat(query_reps), torch.cat(passage_reps)))  # the labels count
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 

@@ -17,8 +17,10 @@ Q2P, Q2Q, P2Q, P2P = DIRECTIONS
 DIRECTION_SETS = [(Q2P, *extra) for r in range(4) for extra in itertools.combinations((Q2Q, P2Q, P2P), r)]
 
 
-def naive_loss(query, passage, temperature, similarity, directions, guide_query=None, guide_passage=None, strategy=None, margin=0.0):
-    """The loss written out one query and one candidate at a time."""
+def naive_loss(query, passage, temperature, similarity, directions, guide_query=None, guide_passage=None, strategy=None, margin=0.0,
+               rows=None, known=None):
+    """The loss written out one query and one candidate at a time. ``rows[k]`` names passage ``k`` and
+    ``known[i]`` the set of names labelled relevant to query ``i`` (both optional)."""
     batch, group = query.size(0), passage.size(0) // query.size(0)
 
     def score(a, b):
@@ -42,9 +44,12 @@ def naive_loss(query, passage, temperature, similarity, directions, guide_query=
         def dropped(anchor_guide, candidate_guide):
             return threshold is not None and guide_cos(anchor_guide, candidate_guide) > threshold
 
+        def labelled(query_index, passage_index):
+            return known is not None and rows[passage_index] in known[query_index]
+
         terms = []
         for k in range(batch * group):
-            if k == i * group or not dropped(gq[i], gp[k]):
+            if k == i * group or not (dropped(gq[i], gp[k]) or labelled(i, k)):
                 terms.append(score(q_i, passage[k]))
         if Q2Q in directions:
             for j in range(batch):
@@ -52,11 +57,11 @@ def naive_loss(query, passage, temperature, similarity, directions, guide_query=
                     terms.append(score(q_i, query[j]))
         if P2Q in directions:
             for j in range(batch):
-                if j != i and not dropped(gp[i * group], gq[j]):
+                if j != i and not (dropped(gp[i * group], gq[j]) or labelled(j, i * group)):
                     terms.append(score(d_i, query[j]))
         if P2P in directions:
             for k in range(batch * group):
-                if k // group != i and not dropped(gp[i * group], gp[k]):
+                if k // group != i and not (dropped(gp[i * group], gp[k]) or labelled(i, k)):
                     terms.append(score(d_i, passage[k]))
         numerator = torch.exp(score(q_i, d_i) / temperature)
         denominator = sum(torch.exp(t / temperature) for t in terms)
@@ -157,6 +162,51 @@ def test_gist_with_random_guide_and_dot_scores_matches_naive_loop(strategy, marg
         guide_query=guide_query, guide_passage=guide_passage, strategy=strategy, margin=margin,
     )
     assert_same_value_and_grad(loss_fn, naive, query, passage, (guide_query, guide_passage))
+
+
+def shared_passage_labels(batch=4, group=3):
+    """Corpus rows of a batch where questions share passages: query 1's positive is a copy of query 0's,
+    query 2's hard negative is query 3's positive, and query 3 also knows query 0's positive (an answer
+    passage); -1 pads the known lists."""
+    rows = torch.arange(100, 100 + batch * group)
+    rows[group] = rows[0]  # query 1's positive is query 0's positive
+    rows[2 * group + 1] = rows[3 * group]  # query 2's hard negative is query 3's positive
+    known = torch.full((batch, 3), -1)
+    known[0, :1] = rows[0]
+    known[1, :2] = torch.tensor([rows[group], rows[2 * group + 2]])  # query 1 also knows query 2's 2nd negative
+    known[2, :1] = rows[2 * group]
+    known[3, :2] = torch.tensor([rows[3 * group], rows[0]])
+    names = [{int(r) for r in known[i] if r >= 0} for i in range(batch)]
+    return rows, known, names
+
+
+@pytest.mark.parametrize("directions", DIRECTION_SETS)
+@pytest.mark.parametrize("guided", [False, True])
+def test_labelled_positives_leave_the_pool_like_a_naive_loop(directions, guided):
+    query, passage = embeddings()
+    rows, known, names = shared_passage_labels()
+    strategy = "absolute" if guided else None
+    guide = sign_guide() if guided else (None, None)
+    loss_fn = ContrastiveLoss(temperature=0.1, similarity="cos", directions=directions, guide_margin_strategy=strategy,
+                              guide_margin=0.25 if guided else 0.0)
+    vectorised = loss_fn(query, passage, *guide, passage_rows=rows, known_rows=known)
+    reference = naive_loss(query, passage, 0.1, "cos", directions, *guide, strategy=strategy, margin=0.25 if guided else 0.0,
+                           rows=rows.tolist(), known=names)
+    torch.testing.assert_close(vectorised, reference, rtol=1e-10, atol=1e-10)
+    for got, expected in zip(torch.autograd.grad(vectorised, (query, passage)), torch.autograd.grad(reference, (query, passage))):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    # The labels change the loss: without them the copy of query 0's positive is one of query 1's negatives.
+    assert not torch.isclose(loss_fn(query, passage, *guide), vectorised)
+
+
+def test_labels_come_in_pairs_and_in_the_batch_layout():
+    query, passage = embeddings()
+    rows, known, _ = shared_passage_labels()
+    loss_fn = ContrastiveLoss()
+    with pytest.raises(ValueError, match="come together"):
+        loss_fn(query, passage, passage_rows=rows)
+    with pytest.raises(ValueError, match="do not match"):
+        loss_fn(query, passage, passage_rows=rows[:-1], known_rows=known)
 
 
 def test_relative_margin_is_sign_safe():

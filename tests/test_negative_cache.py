@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
+from ragkit.retriever.losses import DIRECTIONS, ContrastiveLoss
 from ragkit.retriever.negative_cache import sampling, store
 from ragkit.retriever.negative_cache.estimator import cache_loss, staleness
 from ragkit.retriever.negative_cache.masks import build_cache_mask
@@ -325,6 +326,24 @@ def test_empty_cache_reduces_to_in_batch_cross_entropy():
     torch.testing.assert_close(torch.cat([grad_query.flatten(), grad_passage.flatten()]),
                                _gradients(exact, (query, passage)))
     assert torch.equal(grad_drawn, torch.zeros(B * 2, D))
+
+
+@pytest.mark.parametrize("directions", [("query_to_passage",), DIRECTIONS])
+def test_labelled_positives_leave_the_in_batch_pool_as_in_the_contrastive_loss(directions):
+    """With an empty cache the estimator is the in-batch loss; labels mask the same candidates in both."""
+    query, passage, _, _ = _problem()
+    rows = torch.arange(B * G)
+    rows[G] = rows[0]  # query 1's positive is a copy of query 0's
+    known = torch.tensor([[0, -1], [0, 4], [4, -1]])  # query 2's positive (row 4) is also known for query 1
+    draw = NegativeCache(8, D, 6).draw(query.detach(), num_samples=1, temperature=TAU)
+    drawn = torch.zeros(B, D)
+    out = cache_loss(query, passage, drawn, draw.lse, draw.valid, temperature=TAU, directions=directions,
+                     passage_rows=rows, known_rows=known)
+    reference = ContrastiveLoss(temperature=TAU, directions=directions)(query, passage, passage_rows=rows, known_rows=known)
+    torch.testing.assert_close(out.loss, reference)
+    torch.testing.assert_close(_gradients(out.loss, (query, passage)), _gradients(reference, (query, passage)))
+    unlabelled = cache_loss(query, passage, drawn, draw.lse, draw.valid, temperature=TAU, directions=directions)
+    assert not torch.isclose(unlabelled.loss, out.loss)
 
 
 def test_draw_returns_items_tokens_and_refresh_writes_back():

@@ -153,6 +153,56 @@ def test_mean_and_standard_deviation_over_seeds_and_per_run_seeds(tmp_path):
     assert rows[0]["train min"][0] == pytest.approx(np.mean([r["train_seconds"] for r in three]) / 60)
 
 
+def test_settings_are_compared_on_the_seeds_they_share(tmp_path):
+    """Setting A ran seeds 0-2 (mean 0.60, pulled up by lucky seeds 1 and 2), setting B seed 0 only: on
+    the shared seed 0, B is better, so B wins although A's mean over its own seeds is higher."""
+    spec = sweep.SweepSpec(mine="m", out=str(tmp_path), train={"max_steps": 1}, seeds=[0],
+                           runs=[{"lr": 1e-4, "seeds": [0, 1, 2]}, {"lr": 5e-5}], select="ndcg@10")
+    scores = {(1e-4, 0): 0.40, (1e-4, 1): 0.70, (1e-4, 2): 0.70, (5e-5, 0): 0.50}
+    results = [{"setting": setting, "seed": seed, "select_metric": "ndcg@10", "train_seconds": 60.0,
+                "validation": {"ndcg@10": scores[setting["lr"], seed], "accuracy@20": 0.5},
+                "dev": {"ndcg@10": 0.9 if setting["lr"] == 1e-4 else 0.1, "accuracy@20": 0.5}}
+               for setting, seeds in spec.plan() for seed in seeds]
+    rows = sweep.summarise(spec, results)
+    assert rows[0]["validation ndcg@10"][0] > rows[1]["validation ndcg@10"][0]
+    assert sweep.shared_seeds(rows) == [0]
+    best = sweep.winner(rows, "ndcg@10")
+    assert best["name"] == "lr=5e-05"
+    table = sweep.markdown(rows, best, "ndcg@10", {})
+    assert "compared on the seed every setting ran: 0" in table
+    # Without a shared seed each setting is judged on its own seeds.
+    assert sweep.winner([rows[0], {**rows[1], "per_seed": {5: 0.50}}], "ndcg@10")["name"] == "lr=0.0001"
+
+
+def test_two_shards_share_a_sweep_and_the_report_covers_both(mined, monkeypatch):
+    spec = sweep.load_spec(tiny_sweep(mined, "shards"))
+    out = mined / "shards"
+    trained = []
+    from ragkit.retriever.trainer import run as real_train
+
+    def counting(cfg, *args, **kwargs):
+        trained.append(Path(cfg.out).parent.name)
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr("ragkit.retriever.trainer.run", counting)
+    with pytest.raises(RagkitError, match="no run has finished yet"):
+        sweep.run(spec, train=False)
+    sweep.run(spec, shard=(1, 2))
+    assert trained == ["lr=0.005_seed=0"]
+    table = (out / "sweep.md").read_text()
+    assert "Not finished yet (1 of 2 runs): lr=1e-05_seed=0" in table
+    sweep.run(spec, shard=(0, 2))
+    assert trained == ["lr=0.005_seed=0", "lr=1e-05_seed=0"]
+    sweep.run(spec, train=False)
+    assert trained == ["lr=0.005_seed=0", "lr=1e-05_seed=0"]  # the report trains nothing
+    table = (out / "sweep.md").read_text()
+    assert "Not finished" not in table and table.count("_seed=") == 0 and "| 0.005 |" in table and "| 1e-05 |" in table
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(RagkitError, match="is not I/N"):
+            sweep.parse_shard(bad)
+    assert sweep.parse_shard("1/3") == (1, 3)
+
+
 def test_bad_sweep_files_fail_with_one_line_naming_the_file(mined, tmp_path):
     cases = {
         "unknown setting": ("[grid]\nlearning_rate = [1e-4]\n", "has 'learning_rate', not a train retriever setting"),

@@ -157,14 +157,14 @@ def test_sampler_shards_the_global_batch_in_rank_order_and_resumes_mid_epoch():
         ResumableBatchSampler(22, 9, world_size=2)
 
 
-def _examples(mined: list[str], positives: list[str], randoms: list[str], n: int) -> RetrievalExamples:
+def _examples(mined: list[str], positives: list[str], randoms: list[str], n: int, offset: int = 0) -> RetrievalExamples:
     passages, _, _ = corpus()
     lookup = PassageLookup(datasets.Dataset.from_list(passages))
     rows = datasets.Dataset.from_list([{"id": "q", "question": "which", "answers": [], "positive_ids": positives,
                                         "hard_negative_ids": mined, "random_negative_ids": randoms},
                                        {"id": "none", "question": "which", "answers": [], "positive_ids": [],
                                         "hard_negative_ids": [], "random_negative_ids": []}])
-    return RetrievalExamples(rows, lookup, hard_negatives=n, seed=1)
+    return RetrievalExamples(rows, lookup, hard_negatives=n, seed=1, negative_offset=offset)
 
 
 def test_hard_negatives_and_positives_rotate_across_epochs():
@@ -176,6 +176,18 @@ def test_hard_negatives_and_positives_rotate_across_epochs():
         examples.set_epoch(epoch)
         seen.append((examples[0].positive_id, examples[0].negative_ids))
     assert seen == [("p0-0", mined[0:2]), ("p1-0", mined[2:4]), ("p0-0", [mined[4], mined[0]])]
+
+
+def test_negative_offset_skips_the_top_mined_ranks_before_rotating():
+    mined = [f"p{t}-1" for t in range(5)]
+    examples = _examples(["p0-0"] + mined, ["p0-0"], ["p4-0"], n=2, offset=3)  # the positive is dropped first
+    seen = []
+    for epoch in range(2):
+        examples.set_epoch(epoch)
+        seen.append(examples[0].negative_ids)
+    assert seen == [mined[3:5], mined[3:5]]
+    deep = _examples(mined, ["p0-0"], ["p4-0"], n=2, offset=4)  # one mined left, then the random negative
+    assert deep[0].negative_ids == [mined[4], "p4-0"]
 
 
 def test_a_short_mined_list_is_padded_with_random_then_seeded_corpus_negatives():
@@ -275,9 +287,12 @@ def test_the_artifact_loads_with_transformers_and_sentence_transformers(artifact
     torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_first_logged_loss_is_the_contrastive_loss_of_the_starting_model(artifacts, tmp_path):
-    """The loop feeds the loss the sampler's first batch with the configured temperature (dropout off)."""
-    cfg = config(artifacts, tmp_path / "r", model=str(artifacts["still"]), max_steps=1, temperature=0.1, loss="gte")
+@pytest.mark.parametrize("mask_known_positives", [True, False])
+def test_first_logged_loss_is_the_contrastive_loss_of_the_starting_model(artifacts, tmp_path, mask_known_positives):
+    """The loop feeds the loss the sampler's first batch with the configured temperature (dropout off), and
+    the corpus rows of its labelled passages unless masking is off."""
+    cfg = config(artifacts, tmp_path / "r", model=str(artifacts["still"]), max_steps=1, temperature=0.1, loss="gte",
+                 mask_known_positives=mask_known_positives)
     run(cfg)
     logged = losses(tmp_path / "r")[0]
 
@@ -287,9 +302,13 @@ def test_first_logged_loss_is_the_contrastive_loss_of_the_starting_model(artifac
     batch = BatchCollator(load_tokenizer(str(artifacts["still"])), lookup, 16, 24)([examples[i] for i in next(iter(sampler))])
     model = BiEncoder.from_pretrained(str(artifacts["still"]))
     directions = ("query_to_passage", "query_to_query", "passage_to_query", "passage_to_passage")
+    loss_fn = ContrastiveLoss(0.1, directions=directions)
     with torch.no_grad():
-        expected = ContrastiveLoss(0.1, directions=directions)(model(**batch.query, tower="query"), model(**batch.passage, tower="passage"))
-    assert logged == pytest.approx(float(expected), rel=1e-5)
+        query, passage = model(**batch.query, tower="query"), model(**batch.passage, tower="passage")
+        labelled = loss_fn(query, passage, **batch.labels(examples.max_known()))
+        unlabelled = loss_fn(query, passage)
+    assert float(labelled) != pytest.approx(float(unlabelled), rel=1e-3)  # this batch has questions sharing passages
+    assert logged == pytest.approx(float(labelled if mask_known_positives else unlabelled), rel=1e-5)
 
 
 def test_gradient_cache_trains_to_the_same_weights_as_the_plain_step(artifacts, tmp_path):
@@ -382,6 +401,11 @@ def _first_batches(model_dir: Path, artifacts, count: int):
     return [collate([examples[i] for i in indices]) for indices, _ in zip(sampler, range(count))]
 
 
+def known_width(batch) -> int:
+    answers = batch.answer_rows or [[] for _ in batch.positive_rows]
+    return max(len(set(p) | set(a)) for p, a in zip(batch.positive_rows, answers))
+
+
 def test_the_negative_cache_adds_the_previous_steps_passages_to_the_softmax(artifacts, tmp_path):
     """Step 2's logged loss is the cross-entropy over batch 2 plus batch 1's passages as encoded at step 1
     (their stale embeddings), without each question's positives and batch 2's own passages."""
@@ -395,14 +419,16 @@ def test_the_negative_cache_adds_the_previous_steps_passages_to_the_softmax(arti
     start, after_one = BiEncoder.from_pretrained(still).eval(), BiEncoder.from_pretrained(str(tmp_path / "one")).eval()
     with torch.no_grad():
         cached = start(**first.passage, tower="passage")  # (12, D), stale by step 2
-        expected_first = ContrastiveLoss(0.05)(start(**first.query, tower="query"), cached)
+        expected_first = ContrastiveLoss(0.05)(start(**first.query, tower="query"), cached, **first.labels(known_width(first)))
         query, passage = after_one(**second.query, tower="query"), after_one(**second.passage, tower="passage")
     total = 0.0
     for i in range(4):
+        known = set(second.positive_rows[i]) | set(second.answer_rows[i] if second.answer_rows else [])
+        in_batch = [k for k, row in enumerate(second.passage_rows) if k == i * 3 or row not in known]
         blocked = set(second.positive_rows[i]) | set(second.passage_rows)
         keep = [j for j, row in enumerate(first.passage_rows) if row not in blocked]
         keep = list({first.passage_rows[j]: j for j in keep}.values())  # the cache holds each passage once
-        logits = torch.cat([query[i] @ passage.T, query[i] @ cached[keep].T]) / 0.05
+        logits = torch.cat([query[i] @ passage[in_batch].T, query[i] @ cached[keep].T]) / 0.05
         total += float(torch.logsumexp(logits, 0) - query[i] @ passage[i * 3] / 0.05)
     assert logged[0] == pytest.approx(float(expected_first), rel=1e-5)
     assert logged[1] == pytest.approx(total / 4, rel=1e-4)

@@ -8,7 +8,8 @@ Three pieces, each with one job:
 * :class:`RetrievalExamples` is the map-style dataset. Item ``i`` of epoch ``e`` is the question, one
   positive and ``N`` hard negatives. Across epochs the positives and the mined negatives *rotate*: epoch
   ``e`` takes the positive ``e mod P`` and the window of ``N`` mined negatives starting at ``e * N``
-  (wrapping), so a long mined list is used up before any negative repeats. A list shorter than ``N`` is
+  (wrapping), so a long mined list is used up before any negative repeats; ``negative_offset`` drops the
+  first mined ranks (the likeliest unlabelled positives) before that. A list shorter than ``N`` is
   padded with the example's random negatives from the mine artifact, then with corpus passages drawn
   with a generator seeded by ``(seed, epoch, i)``: the same item is the same on every run and rank.
   Each item also carries the passages mining found to contain its answer (``answer_passage_ids``; an
@@ -65,9 +66,12 @@ class RetrievalExamples(Dataset):
         passages: PassageLookup,
         hard_negatives: int,
         seed: int = 0,
+        negative_offset: int = 0,
     ) -> None:
         if hard_negatives < 0:
             raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
+        if negative_offset < 0:
+            raise ValueError(f"negative_offset must be >= 0, got {negative_offset}")
         self.passages = passages
         self.hard_negatives = hard_negatives
         self.seed = seed
@@ -92,10 +96,15 @@ class RetrievalExamples(Dataset):
             self.query_ids.append(qid)
             self.questions.append(question)
             self.positives.append(list(positives))
-            self.mined.append(list(_unique(n for n in negatives if n not in excluded)))
+            self.mined.append(list(_unique(n for n in negatives if n not in excluded))[negative_offset:])
             extra = random_ids[row] if random_ids is not None else []
             self.randoms.append(list(_unique(n for n in extra if n not in excluded)))
             self.answer_passages.append(list(_unique(answer_ids[row] or [])) if answer_ids is not None else [])
+
+    def max_known(self) -> int:
+        """The most passages labelled relevant to one question (positives + answer passages): the width
+        every process pads its ``known_rows`` to, so they can be gathered."""
+        return max((len(set(p) | set(a)) for p, a in zip(self.positives, self.answer_passages)), default=1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select which positive and which window of negatives each item uses."""
@@ -210,6 +219,17 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.query_ids)
+
+    def labels(self, width: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The loss's ``passage_rows`` ``(B * G,)`` and ``known_rows`` ``(B, width)``: each question's
+        positives and answer passages, as corpus rows padded with -1."""
+        known = torch.full((self.size, width), -1, dtype=torch.long)
+        for i, rows in enumerate(self.positive_rows):
+            listed = list(dict.fromkeys(rows + (self.answer_rows[i] if self.answer_rows else [])))
+            if len(listed) > width:
+                raise ValueError(f"question {self.query_ids[i]} has {len(listed)} known passages, more than width={width}")
+            known[i, : len(listed)] = torch.tensor(listed, dtype=torch.long)
+        return {"passage_rows": torch.tensor(self.passage_rows, dtype=torch.long, device=device), "known_rows": known.to(device)}
 
 
 class BatchCollator:

@@ -80,6 +80,35 @@ def positive_mask(batch_size: int, group_size: int, device: torch.device | None 
     return columns[None, :] == anchors[:, None] * group_size
 
 
+def labelled_false_negatives(
+    passage_rows: Tensor, known_rows: Tensor, group_size: int, directions: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """True where a candidate is a passage *labelled* relevant to the anchor's query (never its own positive).
+
+    ``passage_rows`` ``(B*G,)`` identifies each passage of the batch (its row in the corpus);
+    ``known_rows`` ``(B, K)`` lists, per query, the rows known to be relevant to it (its positives and the
+    passages mining found to contain its answer), padded with -1. In a batch of questions that share
+    passages (SQuAD-style data has several questions per paragraph) another query's positive, or a copy of
+    it, can be a positive of query ``i``: pushing it away teaches the model the opposite of the labels.
+
+    q->p drops passage ``k`` when ``rows[k]`` is known for query ``i``; d->q drops query ``j`` when ``d_i``
+    is known for ``j``; d->d drops passage ``k`` when it is known for query ``i`` (both it and ``d_i`` answer
+    ``q_i``); q->q is unchanged (two questions about one passage are still different questions).
+    """
+    batch_size = known_rows.size(0)
+    known = (known_rows[:, :, None] == passage_rows[None, None, :]) & (known_rows[:, :, None] >= 0)
+    known = known.any(dim=1)  # (B, B*G): passage k is labelled relevant to query i
+    own = positive_mask(batch_size, group_size, passage_rows.device)  # (B, B*G)
+    known_positive = known[:, ::group_size]  # (B, B): positive of query j is known for query i
+    masks = {
+        "query_to_passage": known & ~own,
+        "query_to_query": torch.zeros(batch_size, batch_size, dtype=torch.bool, device=passage_rows.device),
+        "passage_to_query": known_positive.T & ~torch.eye(batch_size, dtype=torch.bool, device=passage_rows.device),
+        "passage_to_passage": known,
+    }
+    return {name: masks[name] for name in directions}
+
+
 def guide_threshold(guide_positive: Tensor, strategy: str, margin: float) -> Tensor:
     """Per-query threshold ``(B, 1)`` above which the guide calls a candidate a false negative.
 
@@ -155,15 +184,18 @@ class ContrastiveLoss(nn.Module):
     Inputs:
         ``query`` ``(B, D)``, ``passage`` ``(B * G, D)`` grouped per query (row ``i * G`` is the positive,
         the next ``G - 1`` rows its hard negatives); with a guide also ``guide_query`` ``(B, D')`` and
-        ``guide_passage`` ``(B * G, D')`` in the same layout, computed without gradient.
+        ``guide_passage`` ``(B * G, D')`` in the same layout, computed without gradient. Optionally
+        ``passage_rows`` ``(B * G,)`` and ``known_rows`` ``(B, K)`` (corpus rows, -1 padding): candidates
+        labelled relevant to the anchor's query leave its pool (:func:`labelled_false_negatives`).
 
     Recommendations:
         - Hard negatives mined by BM25 often include unlabelled positives; a guide (GISTEmbed) drops the
           ones a stronger model rates above the positive instead of pushing them away.
         - The q->q / d->d terms help most when batches hold only pairs or triplets; with many hard
           negatives per query q->p already gives a strong signal.
-        - Avoid duplicate passages across queries in one batch: a copy of another query's positive is a
-          false negative that no direction can tell apart.
+        - Pass ``passage_rows`` / ``known_rows`` when questions share passages: a copy of another query's
+          positive, or a passage known to hold the answer, is then kept out of the pool instead of being
+          pushed away as a negative.
 
     Example::
 
@@ -236,8 +268,11 @@ class ContrastiveLoss(nn.Module):
         passage: Tensor,
         guide_query: Tensor | None = None,
         guide_passage: Tensor | None = None,
+        passage_rows: Tensor | None = None,
+        known_rows: Tensor | None = None,
     ) -> Tensor:
         batch_size, group_size = _check_layout(query, passage, "query", "passage")
+        _check_labels(passage_rows, known_rows, batch_size, group_size)
         if self.guided:
             if guide_query is None or guide_passage is None:
                 raise ValueError("a guided loss needs guide_query and guide_passage (embeddings from the guide model)")
@@ -265,6 +300,9 @@ class ContrastiveLoss(nn.Module):
                     false_negative = guided_false_negatives(guide, threshold)
                 false_negative["query_to_passage"] &= ~is_positive
                 keep = {name: keep[name] & ~false_negative[name] for name in self.directions}
+            if known_rows is not None:
+                labelled = labelled_false_negatives(passage_rows, known_rows, group_size, self.directions)
+                keep = {name: keep[name] & ~labelled[name] for name in self.directions}
 
             logits = torch.cat(
                 [(scores[name] / self.temperature).masked_fill(~keep[name], float("-inf")) for name in self.directions], dim=1
@@ -272,6 +310,19 @@ class ContrastiveLoss(nn.Module):
             positive_logit = scores["query_to_passage"][is_positive] / self.temperature  # (B,)
             loss = torch.logsumexp(logits, dim=1) - positive_logit  # (B,)
         return loss.mean() if self.reduction == "mean" else loss
+
+
+def _check_labels(passage_rows: Tensor | None, known_rows: Tensor | None, batch_size: int, group_size: int) -> None:
+    """Both label tensors or neither, in the shapes :func:`labelled_false_negatives` expects."""
+    if (passage_rows is None) != (known_rows is None):
+        raise ValueError("passage_rows and known_rows come together (the rows of the batch's passages and each query's known rows)")
+    if passage_rows is None:
+        return
+    if tuple(passage_rows.shape) != (batch_size * group_size,) or known_rows.dim() != 2 or known_rows.size(0) != batch_size:
+        raise ValueError(
+            f"passage_rows {tuple(passage_rows.shape)} / known_rows {tuple(known_rows.shape)} do not match a batch of "
+            f"{batch_size} queries x {group_size} passages (expected ({batch_size * group_size},) and ({batch_size}, K))"
+        )
 
 
 def _check_layout(query: Tensor, passage: Tensor, query_name: str, passage_name: str) -> tuple[int, int]:

@@ -8,7 +8,11 @@ cache (``chunk_size > 0``), so temperature, similarity and guide masking cannot 
 AdamW (no weight decay on biases and normalisation weights), linear warm-up then linear decay, gradient
 clipping (after unscaling under fp16), bf16/fp16 autocast.
 
-Two options change what the loss sees. A guide model (GISTEmbed, ``guide``,
+By default (``mask_known_positives``) every passage labelled relevant to a question (its positives, the
+passages mining found to contain its answer) leaves that question's in-batch pool: SQuAD-style data asks
+several questions of one paragraph, so another question's positive is often this one's too
+(:func:`~ragkit.retriever.losses.labelled_false_negatives`; the rows are gathered like the
+representations). Two more options change what the loss sees. A guide model (GISTEmbed, ``guide``,
 :mod:`ragkit.retriever.guide`) is frozen; its embeddings of the batch's questions and passages are
 computed without gradient, cached per question id and passage for the whole run, and passed to the
 loss, which drops in-batch candidates the guide rates above the positive. A negative cache
@@ -164,7 +168,9 @@ class Trainer:
             raise RagkitError(f"{self.mine_dir}: has no examples/train split (mine the ingest artifact's train questions)")
         import datasets
 
-        self.examples = RetrievalExamples(datasets.load_from_disk(str(train_dir)), self.passages, cfg.hard_negatives, cfg.seed)
+        self.examples = RetrievalExamples(datasets.load_from_disk(str(train_dir)), self.passages, cfg.hard_negatives, cfg.seed,
+                                          cfg.negative_offset)
+        self.known_width = self.examples.max_known()
         self.sampler = ResumableBatchSampler(len(self.examples), cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.batches_per_epoch()
         self.eval_split = EVAL_SPLITS[-1]
@@ -336,11 +342,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         query = {k: v.to(self.device) for k, v in batch.query.items()}  # (b, Lq)
         passage = {k: v.to(self.device) for k, v in batch.passage.items()}  # (b * G, Lp)
+        labels = batch.labels(self.known_width, self.device) if self.cfg.mask_known_positives else {}
         if self.negatives is not None:
-            loss = self.negatives(batch, query, passage)
+            loss = self.negatives(batch, query, passage, **labels)
         else:
             guide = self.guide(batch) if self.guide is not None else {}
-            loss = self.step_fn(query, passage, **guide)
+            loss = self.step_fn(query, passage, **guide, **labels)
         grad_norm, lr = optimizer_step(self.optimizer, self.scheduler, self.scaler, self.model.parameters(), self.cfg.max_grad_norm)
         return float(loss), grad_norm, lr
 

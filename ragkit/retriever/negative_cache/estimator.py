@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import DIRECTIONS, candidate_masks, direction_scores, positive_mask
+from ..losses import DIRECTIONS, candidate_masks, direction_scores, labelled_false_negatives, positive_mask
 from .store import Similarity
 
 
@@ -29,6 +29,8 @@ def cache_loss(
     temperature: float = 0.05,
     similarity: Similarity = "dot",
     directions: tuple[str, ...] = ("query_to_passage",),
+    passage_rows: Tensor | None = None,
+    known_rows: Tensor | None = None,
 ) -> CacheLossOutput:
     """Cross-entropy over in-batch candidates plus the whole cache, with the sampled-gradient estimator.
 
@@ -52,6 +54,8 @@ def cache_loss(
         valid: ``(B, S)`` ``draw.valid``; False rows are weighed by zero.
         temperature, similarity: must match those of the draw.
         directions: the in-batch pools, as in ``ContrastiveLoss`` (``query_to_passage`` must be one).
+        passage_rows, known_rows: ``(B * G,)`` / ``(B, K)`` corpus rows; candidates labelled relevant to the
+            anchor's query leave the in-batch pools, as in ``ContrastiveLoss``.
     """
     if similarity not in ("dot", "cos"):
         raise ValueError(f"similarity must be 'dot' or 'cos', got {similarity!r}")
@@ -68,6 +72,9 @@ def cache_loss(
     directions = tuple(d for d in DIRECTIONS if d in directions)
     scores = direction_scores(query, passage, group, directions, "dot")
     keep = candidate_masks(batch, group, directions, query.device)
+    if known_rows is not None:
+        labelled = labelled_false_negatives(passage_rows, known_rows, group, directions)
+        keep = {name: keep[name] & ~labelled[name] for name in directions}
     batch_scores = torch.cat([scores[name] / temperature for name in directions], dim=1)  # (B, K)
     candidate = torch.cat([keep[name] for name in directions], dim=1)  # (B, K)
     drawn_scores = torch.einsum("bd,bsd->bs", query, drawn.view(batch, samples, -1)) / temperature  # (B, S)

@@ -82,22 +82,25 @@ class NegativeCacheStep:
         self.shard_generator = torch.Generator(device=device).manual_seed(seed * 7919)
         self.stats: dict[str, float | int | None] = {}
 
-    def __call__(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
-        """Forward and backward of one step on this process's share of the batch; returns the detached loss."""
+    def __call__(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor],
+                 **labels: Tensor) -> Tensor:
+        """Forward and backward of one step on this process's share of the batch; returns the detached loss.
+        ``labels`` (``passage_rows`` / ``known_rows`` of :meth:`Batch.labels`) mask labelled positives in-batch."""
         self.stats = {"cache_size": int(gather_no_grad(torch.tensor([len(self.cache)], device=self.device)).sum())}
         if self.grad_cache is not None:
-            return self._cached_step(batch, query_inputs, passage_inputs)
+            return self._cached_step(batch, query_inputs, passage_inputs, labels)
         query = self._encode(query_inputs, "query")  # (b, D)
         passage = self._encode(passage_inputs, "passage")  # (b * G, D)
         draw = self.draw(batch, query)
         drawn = self._encode({k: v.to(self.device) for k, v in draw.inputs().items()}, "passage")  # (b * S, D)
         loss = self.loss(query, torch.cat([passage, drawn]), cache_lse=draw.lse, valid=draw.valid,
-                         batch_rows=passage.size(0))
+                         batch_rows=passage.size(0), **labels)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._update_cache(batch, draw, passage_inputs, passage.detach(), drawn.detach())
         return loss.detach()
 
-    def _cached_step(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor]) -> Tensor:
+    def _cached_step(self, batch: Batch, query_inputs: dict[str, Tensor], passage_inputs: dict[str, Tensor],
+                     labels: dict[str, Tensor]) -> Tensor:
         grad_cache = self.grad_cache
         with grad_cache.step_region(query_inputs):
             query_chunks = split_inputs(query_inputs, grad_cache.query_chunk_size)
@@ -109,7 +112,7 @@ class NegativeCacheStep:
             passage, passage_first = grad_cache.forward_first(passage_chunks, "passage")  # (b * G + b * S, D)
             batch_rows = passage_inputs["input_ids"].size(0)
             loss, query_grad, passage_grad = grad_cache.build_cache(query, passage, cache_lse=draw.lse, valid=draw.valid,
-                                                                    batch_rows=batch_rows)
+                                                                    batch_rows=batch_rows, **labels)
             grad_cache.forward_backward(grad_cache.chunks(query_chunks, "query", query_first, query_grad),
                                         grad_cache.chunks(passage_chunks, "passage", passage_first, passage_grad))
         # The replayed forwards drew the same dropout masks, so these are the embeddings the loss saw.
@@ -128,7 +131,8 @@ class NegativeCacheStep:
             excluded_ids=excluded, batch_ids=batch.passage_rows,
         )
 
-    def loss(self, query: Tensor, rows: Tensor, *, cache_lse: Tensor, valid: Tensor, batch_rows: int) -> Tensor:
+    def loss(self, query: Tensor, rows: Tensor, *, cache_lse: Tensor, valid: Tensor, batch_rows: int,
+             passage_rows: Tensor | None = None, known_rows: Tensor | None = None) -> Tensor:
         """The cache estimator over the global batch from this process's rows: ``query`` ``(b, D)``; ``rows``
         ``(b * G + b * S, D)``, the batch's passages then the drawn items. Gathers everything across processes."""
         passage, drawn = rows[:batch_rows], rows[batch_rows:]  # (b * G, D), (b * S, D)
@@ -136,6 +140,8 @@ class NegativeCacheStep:
             gather_with_grad(query), gather_with_grad(passage), gather_with_grad(drawn),
             gather_no_grad(cache_lse), gather_no_grad(valid),
             temperature=self.temperature, similarity=self.similarity, directions=self.directions,
+            passage_rows=None if passage_rows is None else gather_no_grad(passage_rows),
+            known_rows=None if known_rows is None else gather_no_grad(known_rows),
         )
         return out.loss
 
