@@ -167,7 +167,12 @@ def train_config(spec: SweepSpec, setting: dict[str, Any], seed: int, out: Path)
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("out", "overwrite", "resume")}
+    """The settings that make two runs the same run: not where they are written, and the mine artifact by
+    its resolved path (a sweep file run from another directory, or naming it absolutely, is the same)."""
+    same = {k: v for k, v in config.items() if k not in ("out", "overwrite", "resume")}
+    if same.get("mine"):
+        same["mine"] = str(Path(same["mine"]).resolve())
+    return same
 
 
 def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -174,6 +174,14 @@ def test_settings_are_compared_on_the_seeds_they_share(tmp_path):
     assert sweep.winner([rows[0], {**rows[1], "per_seed": {5: 0.50}}], "ndcg@10")["name"] == "lr=0.0001"
 
 
+def test_a_run_is_the_same_run_whatever_path_names_its_mine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = sweep.comparable({"mine": "work/../work/mine", "out": "a", "lr": 1e-4, "resume": True})
+    absolute = sweep.comparable({"mine": str(tmp_path / "work" / "mine"), "out": "b", "lr": 1e-4})
+    assert relative == absolute == {"mine": str((tmp_path / "work" / "mine").resolve()), "lr": 1e-4}
+    assert sweep.comparable({"mine": str(tmp_path / "other"), "lr": 1e-4}) != absolute
+
+
 def test_two_shards_share_a_sweep_and_the_report_covers_both(mined, monkeypatch):
     spec = sweep.load_spec(tiny_sweep(mined, "shards"))
     out = mined / "shards"
