@@ -293,29 +293,28 @@ def winner(rows: list[dict[str, Any]], select: str) -> dict[str, Any]:
     return max(rows, key=score)
 
 
-def cell(value: Any, seeds: int) -> str:
+def cell(value: Any, seeds: int, digits: int = 3) -> str:
     if isinstance(value, tuple):
         mean, std = value
-        return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
     return str(value)
 
 
 def markdown(rows: list[dict[str, Any]], best: dict[str, Any], select: str, baselines: dict[str, dict[str, Any]]) -> str:
     columns = [c for c in rows[0] if c not in ("name", "setting", "per_seed")]
-    keys = sorted({k for row in rows for k in row["setting"]})
-    lines = ["| " + " | ".join(keys + columns) + " |", "|" + "---|" * (len(keys) + len(columns))]
+    lines = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
         marker = " **(winner)**" if row is best else ""
-        settings = [format_value(row["setting"].get(k, "")) for k in keys]
-        values = [cell(row[c], row["seeds"]) for c in columns]
-        lines.append("| " + " | ".join(settings + values) + marker + " |")
+        values = [cell(row[c], row["seeds"], 1 if c == "train min" else 3) for c in columns]
+        label = ", ".join(f"{k}={format_value(v)}" for k, v in sorted(row["setting"].items())) or "base"
+        lines.append("| " + " | ".join([label] + values) + marker + " |")
     for label, split_metrics in baselines.items():
         values = []
         for c in columns:
             split, _, metric = c.partition(" ")
             found = split_metrics.get(split, {}).get(metric)
             values.append(f"{found:.3f}" if isinstance(found, (int, float)) and c != "seeds" else "")
-        lines.append("| " + " | ".join([label] + [""] * (len(keys) - 1) + values) + " |")
+        lines.append("| " + " | ".join([label] + values) + " |")
     lines.append("")
     seeds = shared_seeds(rows)
     basis = (f"compared on the seed{'s' if len(seeds) > 1 else ''} every setting ran: {', '.join(map(str, seeds))}"

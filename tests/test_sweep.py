@@ -110,7 +110,7 @@ def test_a_sweep_of_two_runs_writes_its_table_and_picks_the_winner_on_validation
     table = (out / "sweep.md").read_text()
     assert "Winner on validation accuracy@5: `lr=1e-05`" in table
     winner_line = next(line for line in table.splitlines() if "(winner)" in line)
-    assert winner_line.startswith("| 1e-05 |") and "0.900" in winner_line and "0.100" in winner_line
+    assert winner_line.startswith("| lr=1e-05 |") and "0.900" in winner_line and "0.100" in winner_line
     assert "| BM25 |" in table and "hybrid-dev accuracy@5" in table
     assert json.loads((out / "sweep.json").read_text())["winner"] == "lr=1e-05"
 
@@ -204,7 +204,7 @@ def test_two_shards_share_a_sweep_and_the_report_covers_both(mined, monkeypatch)
     sweep.run(spec, train=False)
     assert trained == ["lr=0.005_seed=0", "lr=1e-05_seed=0"]  # the report trains nothing
     table = (out / "sweep.md").read_text()
-    assert "Not finished" not in table and table.count("_seed=") == 0 and "| 0.005 |" in table and "| 1e-05 |" in table
+    assert "Not finished" not in table and table.count("_seed=") == 0 and "| lr=0.005 |" in table and "| lr=1e-05 |" in table
     for bad in ("2/2", "1", "a/b", "-1/2"):
         with pytest.raises(RagkitError, match="is not I/N"):
             sweep.parse_shard(bad)
