@@ -31,8 +31,8 @@ used to choose; when settings ran on different seeds they are compared on the se
 ``--shard I/N`` lets N processes (or machines) share one sweep directory, each training every N-th run;
 ``--report-only`` writes the tables from the runs finished so far. ``<out>/sweep.csv`` has one row per
 run, ``sweep.md`` the mean ± standard deviation (over seeds, n - 1 denominator) per setting, ``sweep.png``
-each run's validation curve against steps (with ``eval_every``) and the final scores against training
-time.
+each run's validation curve against the questions trained on (steps x batch size, with ``eval_every``)
+and the final scores against training time.
 """
 
 from __future__ import annotations
@@ -345,7 +345,9 @@ def plot(path: Path, results: list[dict[str, Any]], select: str, bm25: dict[str,
 
     fig, (curves, final) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
-        points = [(step, m[select]) for step, m in r["curve"] if select in m]
+        # Against questions trained on (steps x batch), so runs of different batch sizes line up.
+        batch = int(r.get("config", {}).get("batch_size") or 1)
+        points = [(step * batch, m[select]) for step, m in r["curve"] if select in m]
         if r.get("validation_start") and select in r["validation_start"]:
             points = [(0, r["validation_start"][select])] + points
         if points:
@@ -356,7 +358,7 @@ def plot(path: Path, results: list[dict[str, Any]], select: str, bm25: dict[str,
         if select in bm25.get(split, {}):
             axes.axhline(bm25[split][select], linestyle="--", color="grey" if split == VALIDATION else "tab:orange",
                          linewidth=1, label=f"BM25 {split}")
-    curves.set(xlabel="training step", ylabel=f"validation {select}", title="validation during training")
+    curves.set(xlabel="training questions seen (steps x batch size)", ylabel=f"validation {select}", title="validation during training")
     curves.legend(fontsize=6)
     final.scatter([], [], color="tab:blue", label="validation (kept model)")
     final.scatter([], [], color="tab:orange", marker="x", label="dev")
