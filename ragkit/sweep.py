@@ -343,15 +343,17 @@ def plot(path: Path, results: list[dict[str, Any]], select: str, bm25: dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, final) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
+    rows = (len(results) + 2) // 3  # legend lines under the plots, three runs per line
+    fig, (curves, final) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.18 * rows))
+    colours = plt.get_cmap("tab20" if len(results) > 10 else "tab10")
+    for i, r in enumerate(results):
         # Against questions trained on (steps x batch), so runs of different batch sizes line up.
         batch = int(r.get("config", {}).get("batch_size") or 1)
         points = [(step * batch, m[select]) for step, m in r["curve"] if select in m]
         if r.get("validation_start") and select in r["validation_start"]:
             points = [(0, r["validation_start"][select])] + points
         if points:
-            curves.plot(*zip(*points), marker="o", label=r["name"])
+            curves.plot(*zip(*points), marker="o", markersize=4, color=colours(i % colours.N), label=r["name"])
         final.scatter(r["train_seconds"] / 60, r[VALIDATION][select], color="tab:blue")
         final.scatter(r["train_seconds"] / 60, r["dev"][select], color="tab:orange", marker="x")
     for axes, split in ((curves, VALIDATION), (final, VALIDATION), (final, "dev")):
@@ -359,12 +361,13 @@ def plot(path: Path, results: list[dict[str, Any]], select: str, bm25: dict[str,
             axes.axhline(bm25[split][select], linestyle="--", color="grey" if split == VALIDATION else "tab:orange",
                          linewidth=1, label=f"BM25 {split}")
     curves.set(xlabel="training questions seen (steps x batch size)", ylabel=f"validation {select}", title="validation during training")
-    curves.legend(fontsize=6)
+    handles, labels = curves.get_legend_handles_labels()
     final.scatter([], [], color="tab:blue", label="validation (kept model)")
     final.scatter([], [], color="tab:orange", marker="x", label="dev")
     final.set(xlabel="training wall time (min)", ylabel=select, title="kept model of each run")
     final.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.18 * rows / (4.5 + 0.18 * rows) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
