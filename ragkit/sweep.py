@@ -175,6 +175,15 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return same
 
 
+def planned_run(spec: SweepSpec, setting: dict[str, Any], seed: int) -> tuple[str, Path, TrainRetrieverConfig, dict[str, Any]]:
+    """A run's name, folder, training config, and the comparable settings (as JSON stores them) that a
+    stored retriever or result must match."""
+    name = f"{setting_name(setting)}_seed={seed}"
+    folder = Path(spec.out) / name
+    cfg = train_config(spec, setting, seed, folder / "retriever")
+    return name, folder, cfg, json.loads(json.dumps(comparable(dataclasses.asdict(cfg))))
+
+
 def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train, search dev and score one run, unless ``result.json`` says it is done; return its result."""
     from .evaluation import run as evaluate
@@ -182,10 +191,7 @@ def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, An
     from .indexing.stage import run as index
     from .retriever.trainer import run as train
 
-    name = f"{setting_name(setting)}_seed={seed}"
-    folder = Path(spec.out) / name
-    cfg = train_config(spec, setting, seed, folder / "retriever")
-    wanted = comparable(dataclasses.asdict(cfg))
+    name, folder, cfg, wanted = planned_run(spec, setting, seed)
     result_path = folder / RESULT
     done = stored_result(spec, setting, seed)
     if done is not None:
@@ -194,7 +200,7 @@ def run_one(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, An
     timing_path = folder / "timing.json"
     retriever = folder / "retriever"
     if not ((retriever / "manifest.json").is_file() and timing_path.is_file()
-            and comparable(Manifest.load(retriever).config) == json.loads(json.dumps(wanted))):
+            and comparable(Manifest.load(retriever).config) == wanted):
         print(f"sweep: training {name}", flush=True)
         started = time.perf_counter()
         train(cfg)
@@ -388,13 +394,12 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def stored_result(spec: SweepSpec, setting: dict[str, Any], seed: int) -> dict[str, Any] | None:
     """A finished run's result, or None while it has none; a result of other settings is refused."""
-    name = f"{setting_name(setting)}_seed={seed}"
-    path = Path(spec.out) / name / RESULT
+    _, folder, _, wanted = planned_run(spec, setting, seed)
+    path = folder / RESULT
     if not path.is_file():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
-    wanted = comparable(dataclasses.asdict(train_config(spec, setting, seed, Path(spec.out) / name / "retriever")))
-    if result.get("config") != json.loads(json.dumps(wanted)):
+    if result.get("config") != wanted:
         raise RagkitError(f"{path}: was trained with other settings than {spec.source} asks for "
                           f"(remove {path.parent} to retrain it)")
     return result
